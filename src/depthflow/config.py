@@ -1,0 +1,113 @@
+"""Settings: every environment variable of the product contract, validated once at start-up.
+
+The `Settings` object is created by the CLI (or a test) and passed down explicitly; no other module
+reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    database_url: str = "postgresql+asyncpg://postgres:postgres@localhost:5432/depthflow"
+    # Empty means no Redis: the counters then live in this process only.
+    redis_url: str = "redis://localhost:6379/0"
+    # Namespace of every Redis key; processes sharing it sum into the same counters.
+    redis_prefix: str = "depthflow:"
+    symbols: Annotated[tuple[str, ...], NoDecode] = ("btcusdt",)
+    binance_ws_url: str = "wss://stream.binance.com:9443"
+    binance_rest_url: str = "https://api.binance.com"
+    depth_interval_ms: Literal[100, 1000] = 100
+    snapshot_limit: int = Field(default=1000, ge=1, le=5000)
+    sma_short: int = Field(default=5, ge=1)
+    sma_long: int = Field(default=20, ge=2, le=10_000)
+    batch_max_rows: int = Field(default=5000, ge=1)
+    batch_max_delay_ms: int = Field(default=250, ge=1)
+    buffer_max_rows: int = Field(default=1_000_000, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Binance closes every connection after 24 h; we rotate a little before that on our own.
+    ws_max_age_s: float = Field(default=23.5 * 3600, gt=0)
+    metrics_flush_ms: int = Field(default=1000, ge=10)
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            symbols = tuple(str(s).strip().lower() for s in value if str(s).strip())
+            if not symbols:
+                raise ValueError("at least one symbol is required")
+            for symbol in symbols:
+                if not symbol.isalnum():
+                    raise ValueError(f"{symbol!r} is not a symbol (letters and digits only)")
+            return tuple(dict.fromkeys(symbols))
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if value.startswith(("postgresql://", "postgres://")):
+            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("must be a postgresql+asyncpg:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _windows_ordered(self) -> Settings:
+        if self.sma_short >= self.sma_long:
+            raise ValueError(
+                f"SMA_SHORT ({self.sma_short}) must be smaller than SMA_LONG ({self.sma_long})"
+            )
+        return self
+
+    @property
+    def stream_names(self) -> list[str]:
+        return [f"{s}@depth@{self.depth_interval_ms}ms" for s in self.symbols]
+
+    @property
+    def stream_url(self) -> str:
+        base = self.binance_ws_url.rstrip("/")
+        return f"{base}/stream?streams={'/'.join(self.stream_names)}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment (and `.env`), or raise a one-line `SettingsError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"] if isinstance(part, str)]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if loc:
+        got = first.get("input")
+        return f"invalid setting {loc[0].upper()}={got!r}: {message}"
+    # Model-level checks name their variables in the message itself.
+    return f"invalid settings: {message}"

@@ -1,0 +1,53 @@
+"""JSON-lines logging on stdout.
+
+Call sites log a short event name as the message and put structured fields under
+``extra={"fields": {...}}``; every line is one JSON object: ``{"time", "level", "logger", "event",
+...fields}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+__all__ = ["JsonFormatter", "configure_logging"]
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=_default, separators=(",", ":"))
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """Route every logger (ours, uvicorn's) through one JSON handler on stdout."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # One line per websocket frame at DEBUG would drown everything else.
+    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(level)))

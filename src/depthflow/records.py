@@ -1,0 +1,33 @@
+"""Row shapes handed to the writer: plain tuples in table column order (cheap to build and COPY)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+TickRow = tuple[str, datetime, datetime, int, int, float, float, float, float, float]
+OrderRow = tuple[str, datetime, int, str, float, float]
+SignalRow = tuple[str, str, float, float, float, datetime, int]
+
+TICK_COLUMNS: Final = (
+    "symbol",
+    "event_time",
+    "received_at",
+    "first_update_id",
+    "last_update_id",
+    "best_bid",
+    "best_bid_qty",
+    "best_ask",
+    "best_ask_qty",
+    "wap",
+)
+ORDER_COLUMNS: Final = ("symbol", "event_time", "last_update_id", "side", "price", "quantity")
+SIGNAL_COLUMNS: Final = (
+    "symbol",
+    "signal",
+    "price",
+    "sma_short",
+    "sma_long",
+    "event_time",
+    "last_update_id",
+)
