@@ -1,0 +1,34 @@
+# depthflow service image: slim Python, non-root, dependencies in their own cached layer.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # Numba's on-disk cache must be writable by the non-root user.
+    NUMBA_CACHE_DIR=/tmp/numba-cache
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml README.md ./
+RUN mkdir -p src/depthflow \
+    && touch src/depthflow/__init__.py \
+    && pip install . \
+    && pip uninstall -y depthflow \
+    && rm -rf src
+
+COPY src ./src
+COPY alembic ./alembic
+COPY alembic.ini ./
+RUN pip install --no-deps . && rm -rf build
+
+RUN useradd --create-home --uid 10001 depthflow
+USER depthflow
+
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+
+# compose runs `depthflow migrate` as its own one-shot service before this starts.
+CMD ["depthflow", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,39 @@
+"""FastAPI application: the lifespan owns the `Service`; routes only read from it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from depthflow import __version__
+from depthflow.api import data, monitoring
+from depthflow.config import Settings
+from depthflow.service import Service
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings, *, with_feed: bool = True) -> FastAPI:
+    """Build the app; the service starts with the lifespan and stops, in order, on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = Service(settings, with_feed=with_feed)
+        app.state.service = service
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="depthflow",
+        version=__version__,
+        description="Binance order-book ingestion: local books, WAP ticks, SMA-crossover signals.",
+        lifespan=lifespan,
+    )
+    app.include_router(monitoring.router)
+    app.include_router(data.router)
+    return app

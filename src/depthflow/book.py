@@ -1,0 +1,254 @@
+"""Sans-I/O local order book per symbol, kept in sync with Binance's spot diff-depth procedure.
+
+`OrderBook` holds price levels; `BookSync` runs the sync state machine (buffer events, take a
+snapshot, replay the buffer, then apply live events) and returns an `Outcome` for every event so
+the feed, the thin I/O shell around it, decides what to count, write and fetch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Iterator
+from heapq import heapify, heappop, heappush, nlargest, nsmallest
+
+from depthflow.events import DepthEvent, Snapshot
+
+__all__ = ["BookSync", "OrderBook", "Outcome", "SyncState"]
+
+Levels = Iterable[tuple[float, float]]
+
+# Removed prices stay in the lazy heaps until they surface; rebuilding once a heap outgrows its
+# dict by this much keeps memory bounded at an amortised O(1) cost per insertion.
+_HEAP_GROWTH = 4
+_HEAP_SLACK = 64
+
+
+def _set_levels(
+    levels: dict[float, float], heap: list[float], updates: Levels, sign: float
+) -> None:
+    """Set each level of one side (qty 0 removes it); `heap` holds ``sign * price``."""
+    for price, qty in updates:
+        if qty:
+            # Only a new price needs a heap entry; a quantity change keeps the one it has.
+            if price not in levels:
+                heappush(heap, sign * price)
+            levels[price] = qty
+        else:
+            # Binance may remove a level we never had; that is normal, not an error.
+            levels.pop(price, None)
+    if len(heap) > _HEAP_GROWTH * len(levels) + _HEAP_SLACK:
+        _rebuild(levels, heap, sign)
+
+
+def _rebuild(levels: dict[float, float], heap: list[float], sign: float) -> None:
+    heap[:] = [sign * price for price in levels]
+    heapify(heap)
+
+
+def _best(levels: dict[float, float], heap: list[float], sign: float) -> tuple[float, float] | None:
+    """Best level of one side, discarding heap entries of removed prices on the way."""
+    while heap:
+        price = sign * heap[0]
+        qty = levels.get(price)
+        if qty is not None:
+            return price, qty
+        heappop(heap)
+    return None
+
+
+class OrderBook:
+    """Price levels of one symbol.
+
+    `best_bid`/`best_ask` are O(log n) amortised through lazy heaps (bids negated); `top` is
+    O(n log depth) and meant for occasional reads, not per event.
+    """
+
+    __slots__ = ("_ask_heap", "_bid_heap", "asks", "bids")
+
+    def __init__(self) -> None:
+        self.bids: dict[float, float] = {}
+        self.asks: dict[float, float] = {}
+        self._bid_heap: list[float] = []
+        self._ask_heap: list[float] = []
+
+    def __len__(self) -> int:
+        """Number of price levels on both sides."""
+        return len(self.bids) + len(self.asks)
+
+    def load(self, bids: Levels, asks: Levels) -> None:
+        """Replace the contents (a snapshot); levels with qty 0 are skipped."""
+        self.bids.clear()
+        self.asks.clear()
+        self.bids.update((price, qty) for price, qty in bids if qty)
+        self.asks.update((price, qty) for price, qty in asks if qty)
+        _rebuild(self.bids, self._bid_heap, -1.0)
+        _rebuild(self.asks, self._ask_heap, 1.0)
+
+    def apply(self, bids: Levels, asks: Levels) -> None:
+        """Set each level to its new quantity; qty 0 removes the level."""
+        _set_levels(self.bids, self._bid_heap, bids, -1.0)
+        _set_levels(self.asks, self._ask_heap, asks, 1.0)
+
+    def best_bid(self) -> tuple[float, float] | None:
+        """Highest bid as ``(price, qty)``, or None if there are no bids."""
+        return _best(self.bids, self._bid_heap, -1.0)
+
+    def best_ask(self) -> tuple[float, float] | None:
+        """Lowest ask as ``(price, qty)``, or None if there are no asks."""
+        return _best(self.asks, self._ask_heap, 1.0)
+
+    def top(self, depth: int) -> tuple[list[list[float]], list[list[float]]]:
+        """Up to `depth` levels per side, ``[[price, qty], ...]`` best first (bids descending)."""
+        if depth <= 0:
+            return [], []
+        bids, asks = self.bids, self.asks
+        return (
+            [[price, bids[price]] for price in nlargest(depth, bids)],
+            [[price, asks[price]] for price in nsmallest(depth, asks)],
+        )
+
+    def clear(self) -> None:
+        """Remove every level."""
+        self.bids.clear()
+        self.asks.clear()
+        self._bid_heap.clear()
+        self._ask_heap.clear()
+
+
+class Outcome(enum.Enum):
+    """What `BookSync` did with one event."""
+
+    APPLIED = "applied"  # levels set; the book reflects this event
+    BUFFERED = "buffered"  # kept until a snapshot arrives
+    STALE = "stale"  # older than the book; ignored
+    GAP = "gap"  # update ids skipped: book discarded, event dropped, resync needed
+    OVERFLOW = "overflow"  # buffer full: event dropped
+
+
+class SyncState(enum.Enum):
+    WAITING = "waiting"  # no book and no buffered event (start, after reset or a gap)
+    BUFFERING = "buffering"  # events buffered; a snapshot is needed
+    LIVE = "live"  # book in sync; events are applied as they come
+
+
+class BookSync:
+    """Binance spot local-book sync for one symbol, fed events and snapshots; does no I/O.
+
+    Call `on_event` for every depth event of the symbol (checking the symbol is the caller's job).
+    When `needs_snapshot` is True, fetch a snapshot and pass it to `on_snapshot`.
+    """
+
+    __slots__ = ("_buffer", "_generation", "_local_id", "_max_buffer", "book", "state", "symbol")
+
+    def __init__(self, symbol: str, *, max_buffer: int = 100_000) -> None:
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer must be at least 1, got {max_buffer}")
+        self.symbol = symbol
+        self.book = OrderBook()
+        self.state = SyncState.WAITING
+        self._max_buffer = max_buffer
+        self._buffer: deque[DepthEvent] = deque()
+        self._local_id = -1
+        # Bumped whenever the book is loaded or discarded, so a replay left unfinished stops
+        # instead of applying old events to a newer book.
+        self._generation = 0
+
+    @property
+    def last_update_id(self) -> int | None:
+        """The local book's update id while LIVE, else None."""
+        return self._local_id if self.state is SyncState.LIVE else None
+
+    @property
+    def needs_snapshot(self) -> bool:
+        """True while events are buffered and a snapshot must be fetched."""
+        return self.state is SyncState.BUFFERING
+
+    @property
+    def first_buffered_id(self) -> int | None:
+        """``U`` of the oldest buffered event, or None if the buffer is empty."""
+        return self._buffer[0].first_update_id if self._buffer else None
+
+    @property
+    def buffered(self) -> int:
+        """Number of buffered events."""
+        return len(self._buffer)
+
+    def on_event(self, event: DepthEvent) -> Outcome:
+        """Apply (LIVE) or buffer one event and say what happened.
+
+        On GAP the book is discarded and the event dropped; the state becomes WAITING, so the
+        next event is buffered and asks for a new snapshot.
+        """
+        if self.state is SyncState.LIVE:
+            return self._apply_live(event)
+        if len(self._buffer) >= self._max_buffer:
+            return Outcome.OVERFLOW
+        self._buffer.append(event)
+        self.state = SyncState.BUFFERING
+        return Outcome.BUFFERED
+
+    def on_snapshot(self, snapshot: Snapshot) -> Iterator[tuple[DepthEvent, Outcome]]:
+        """Load `snapshot` and replay the buffer, yielding ``(event, outcome)`` per buffered event.
+
+        The book is loaded when this is called; at each yield it reflects exactly the events
+        handled so far. Yields nothing, and changes nothing, if not BUFFERING (a late snapshot)
+        or if the snapshot is older than the first buffered event (`needs_snapshot` stays True:
+        fetch again). Exhaust the iterator before feeding more events: a replay left unfinished
+        drops the rest of the buffer, and the next live event then reports the hole as a GAP.
+        """
+        if (
+            self.state is not SyncState.BUFFERING
+            or snapshot.last_update_id < self._buffer[0].first_update_id
+        ):
+            return iter(())
+        pending, self._buffer = self._buffer, deque()
+        self.book.load(snapshot.bids, snapshot.asks)
+        self._local_id = snapshot.last_update_id
+        self.state = SyncState.LIVE
+        self._generation += 1
+        return self._replay(pending, snapshot.last_update_id, self._generation)
+
+    def reset(self) -> int:
+        """Discard the book and the buffer (e.g. after a reconnect); return the events discarded."""
+        discarded = len(self._buffer)
+        self._buffer.clear()
+        self._discard()
+        return discarded
+
+    def _apply_live(self, event: DepthEvent) -> Outcome:
+        local_id = self._local_id
+        if event.last_update_id < local_id:
+            return Outcome.STALE
+        if event.first_update_id > local_id + 1:
+            self._discard()
+            return Outcome.GAP
+        self.book.apply(event.bids, event.asks)
+        self._local_id = event.last_update_id
+        return Outcome.APPLIED
+
+    def _replay(
+        self, pending: deque[DepthEvent], snapshot_id: int, generation: int
+    ) -> Iterator[tuple[DepthEvent, Outcome]]:
+        while pending and self._generation == generation:
+            event = pending.popleft()
+            # Binance: drop buffered events with u <= lastUpdateId; the snapshot already has them.
+            if event.last_update_id <= snapshot_id:
+                yield event, Outcome.STALE
+                continue
+            outcome = self._apply_live(event)
+            if outcome is Outcome.GAP:
+                # The events after the gap wait for the next snapshot, ahead of any newer ones.
+                pending.extend(self._buffer)
+                self._buffer = pending
+                self.state = SyncState.BUFFERING if pending else SyncState.WAITING
+            yield event, outcome
+            if outcome is Outcome.GAP:
+                return
+
+    def _discard(self) -> None:
+        """Drop the book; whatever is still buffered waits for the next snapshot."""
+        self.book.clear()
+        self._local_id = -1
+        self._generation += 1
+        self.state = SyncState.BUFFERING if self._buffer else SyncState.WAITING

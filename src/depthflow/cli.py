@@ -1,0 +1,202 @@
+"""The `depthflow` command: serve, migrate, simulate, record, replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from depthflow.config import Settings, SettingsError, load_settings
+from depthflow.logs import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("depthflow.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"depthflow: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        result: int = args.run(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthflow", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service (feed + HTTP)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="create the database if missing, then migrate")
+    migrate.set_defaults(run=_migrate)
+
+    sim = commands.add_parser("simulate", help="a local stand-in for Binance (WS + REST)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--symbols", default="btcusdt,ethusdt", help="comma separated")
+    sim.add_argument("--rate", type=float, default=10.0, help="events/s per symbol; 0 = max")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--gap-every", type=int, default=0, metavar="N")
+    sim.add_argument("--disconnect-every", type=int, default=0, metavar="N")
+    sim.add_argument("--malformed-every", type=int, default=0, metavar="N")
+    sim.add_argument("--max-events", type=int, default=None, metavar="N", help="per symbol")
+    sim.add_argument(
+        "--prebuild", type=int, default=0, metavar="N",
+        help="pre-generate N events per symbol and send them at full speed",
+    )
+    sim.add_argument("--replay", type=Path, default=None, metavar="FILE")
+    sim.set_defaults(run=_simulate)
+
+    record = commands.add_parser("record", help="store every frame and snapshot as NDJSON")
+    record.add_argument("file", type=Path, help="output; gzip when it ends in .gz")
+    record.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
+    record.set_defaults(run=_record)
+
+    replay = commands.add_parser("replay", help="run a recording through the pipeline")
+    replay.add_argument("file", type=Path)
+    replay.set_defaults(run=_replay)
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from depthflow.api import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from depthflow.storage import db
+
+    asyncio.run(db.migrate(settings.database_url))
+    log.info("migrated", extra={"fields": {"database": _redacted(settings.database_url)}})
+    return 0
+
+
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from depthflow.simulate.server import serve
+
+    symbols = [s.strip().lower() for s in args.symbols.split(",") if s.strip()]
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                symbols=symbols,
+                host=args.host,
+                port=args.port,
+                rate=args.rate,
+                seed=args.seed,
+                gap_every=args.gap_every,
+                disconnect_every=args.disconnect_every,
+                malformed_every=args.malformed_every,
+                max_events=args.max_events,
+                prebuild=args.prebuild,
+                replay=args.replay,
+            )
+        )
+    return 0
+
+
+def _record(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(_record_async(settings, args.file, args.duration))
+    return 0
+
+
+async def _record_async(settings: Settings, path: Path, duration: float | None) -> None:
+    import httpx
+
+    from depthflow.feed import Feed
+    from depthflow.metrics import Metrics
+    from depthflow.pipeline import Pipeline
+    from depthflow.recording import RecordingWriter
+
+    metrics = Metrics()
+    # The books are kept (they decide when a snapshot is needed) but nothing is stored.
+    pipeline = Pipeline(settings.symbols, _Discard(), _Discard(), metrics)
+    started = time.monotonic()
+    with RecordingWriter(path) as writer:
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            feed = Feed(settings, pipeline, metrics, http, tap=writer)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(duration):
+                    await feed.run()
+    log.info(
+        "recorded",
+        extra={
+            "fields": {
+                "file": str(path),
+                "frames": metrics.messages,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        },
+    )
+
+
+class _Discard:
+    """Row and tick sink of `depthflow record`, which keeps frames, not rows."""
+
+    def add_event(self, tick: object, orders: object) -> bool:
+        return True
+
+    def add_tick(self, symbol: str, wap: float, event_time: datetime, last_update_id: int) -> None:
+        return None
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(_replay_async(settings, args.file))
+    return 0
+
+
+async def _replay_async(settings: Settings, path: Path) -> None:
+    from depthflow.replay import replay
+    from depthflow.service import Service
+
+    service = Service(settings, with_feed=False)
+    await service.start()
+    started = time.monotonic()
+    try:
+        stats = await replay(path, service.pipeline, service.writer.wait_capacity)
+    finally:
+        await service.stop()
+    elapsed = time.monotonic() - started
+    summary = {
+        "frames": stats.frames,
+        "snapshots_used": stats.snapshots_used,
+        "seconds": round(elapsed, 3),
+        "frames_per_s": round(stats.frames / elapsed, 1) if elapsed else None,
+        **service.metrics.local_totals(),
+    }
+    log.info("replayed", extra={"fields": summary})
+    print(json.dumps(summary))
+
+
+def _redacted(url: str) -> str:
+    head, _, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if head else url

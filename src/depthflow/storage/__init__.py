@@ -1,0 +1,1 @@
+"""PostgreSQL storage: table models, engine and migrations (`db`), and the batch writer."""

@@ -1,0 +1,93 @@
+"""Table definitions of the product contract (SPEC.md "Storage"), plus the writer's batch markers.
+
+Column order after ``id`` matches `depthflow.records` so rows can be COPYed as plain tuples. The
+schema itself is created only by the Alembic migrations; these models are their reference and the
+``target_metadata`` for autogenerate diffs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Double, Identity, Index, Integer, Text, Uuid, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "IngestBatch", "Order", "PriceTick", "TradingSignal"]
+
+TIMESTAMPTZ = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PriceTick(Base):
+    """One row per applied depth event whose book has both sides: level-1 prices and the WAP."""
+
+    __tablename__ = "price_ticks"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    symbol: Mapped[str] = mapped_column(Text)
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    received_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    first_update_id: Mapped[int] = mapped_column(BigInteger)
+    last_update_id: Mapped[int] = mapped_column(BigInteger)
+    best_bid: Mapped[float] = mapped_column(Double)
+    best_bid_qty: Mapped[float] = mapped_column(Double)
+    best_ask: Mapped[float] = mapped_column(Double)
+    best_ask_qty: Mapped[float] = mapped_column(Double)
+    wap: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_price_ticks_symbol_event_time", "symbol", "event_time"),
+        Index("ix_price_ticks_symbol_last_update_id", "symbol", "last_update_id"),
+    )
+
+
+class Order(Base):
+    """Every price level of every applied depth event (quantity 0 = level removed)."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    symbol: Mapped[str] = mapped_column(Text)
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    last_update_id: Mapped[int] = mapped_column(BigInteger)
+    side: Mapped[str] = mapped_column(Text)
+    price: Mapped[float] = mapped_column(Double)
+    quantity: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_orders_symbol_event_time", "symbol", "event_time"),)
+
+
+class TradingSignal(Base):
+    """An ``open``/``close`` signal from an SMA crossover, priced at the tick's WAP."""
+
+    __tablename__ = "trading_signals"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    symbol: Mapped[str] = mapped_column(Text)
+    signal: Mapped[str] = mapped_column(Text)
+    price: Mapped[float] = mapped_column(Double)
+    sma_short: Mapped[float] = mapped_column(Double)
+    sma_long: Mapped[float] = mapped_column(Double)
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    last_update_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
+
+    __table_args__ = (Index("ix_trading_signals_symbol_event_time", "symbol", "event_time"),)
+
+
+class IngestBatch(Base):
+    """One marker per committed writer batch, written in the same transaction as its rows.
+
+    A retried batch whose marker exists was already committed (only the acknowledgement was lost),
+    so its rows are not written twice.
+    """
+
+    __tablename__ = "ingest_batches"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    written_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())

@@ -1,0 +1,73 @@
+"""Run `depthflow serve` as a real subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServeProcess:
+    """`python -m depthflow serve` with the given environment; stdout kept in a file."""
+
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 60.0) -> None:
+        env = {**os.environ, **self.env}
+        self._log = self.log_path.open("wb")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "depthflow", "serve", "--port", str(self.port),
+            env=env, stdout=self._log, stderr=asyncio.subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.base_url) as client:
+            while time.monotonic() < deadline:
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"serve exited early:\n{self.log_path.read_text()}")
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"serve did not answer /health:\n{self.log_path.read_text()}")
+
+    async def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (what Docker and systemd send) and wait for a clean exit."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        self._log.close()
+        code = self.process.returncode
+        assert code is not None
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
