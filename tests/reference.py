@@ -15,7 +15,12 @@ def spec_signals(waps: Sequence[float], short: int, long: int) -> list[tuple[int
     signals: list[tuple[int, str]] = []
     is_open = False
     for t in range(1, len(waps)):
-        prev_s, prev_l, cur_s, cur_l = sma(t - 1, short), sma(t - 1, long), sma(t, short), sma(t, long)
+        prev_s, prev_l, cur_s, cur_l = (
+            sma(t - 1, short),
+            sma(t - 1, long),
+            sma(t, short),
+            sma(t, long),
+        )
         if prev_s is None or prev_l is None or cur_s is None or cur_l is None:
             continue
         if prev_s <= prev_l and cur_s > cur_l and not is_open:

@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--malformed-every", type=int, default=0, metavar="N")
     sim.add_argument("--max-events", type=int, default=None, metavar="N", help="per symbol")
     sim.add_argument(
-        "--prebuild", type=int, default=0, metavar="N",
+        "--prebuild",
+        type=int,
+        default=0,
+        metavar="N",
         help="pre-generate N events per symbol and send them at full speed",
     )
     sim.add_argument("--replay", type=Path, default=None, metavar="FILE")

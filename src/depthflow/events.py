@@ -6,7 +6,7 @@ the same pass (``strict=False``), so each price is parsed exactly once.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import msgspec
@@ -56,7 +56,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     asks: list[Level]
 
 
-class DecodeErrorKind(str, Enum):
+class DecodeErrorKind(StrEnum):
     MALFORMED = "malformed"
     UNKNOWN_EVENT = "unknown_event"
 

@@ -118,10 +118,14 @@ class Feed:
             rotated = await self._consume(ws)
         except ConnectionClosed as exc:
             self._metrics.count_error("connection")
-            log.warning("feed_closed", extra={"fields": {"code": _close_code(exc), "error": str(exc)}})
+            log.warning(
+                "feed_closed", extra={"fields": {"code": _close_code(exc), "error": str(exc)}}
+            )
         else:
             if rotated:
-                log.info("feed_rotating", extra={"fields": {"max_age_s": self._settings.ws_max_age_s}})
+                log.info(
+                    "feed_rotating", extra={"fields": {"max_age_s": self._settings.ws_max_age_s}}
+                )
                 await ws.close()
             else:
                 self._metrics.count_error("connection")
@@ -192,7 +196,7 @@ class Feed:
 
     async def _fetch(self, symbol: str) -> Snapshot | None:
         url = f"{self._settings.binance_rest_url.rstrip('/')}/api/v3/depth"
-        params = {"symbol": symbol, "limit": self._settings.snapshot_limit}
+        params: dict[str, str | int] = {"symbol": symbol, "limit": self._settings.snapshot_limit}
         try:
             response = await self._http.get(url, params=params)
             response.raise_for_status()
@@ -202,9 +206,7 @@ class Feed:
             return decode_snapshot(body)
         except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._metrics.count_error("snapshot")
-            log.warning(
-                "snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(exc)}}
-            )
+            log.warning("snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(exc)}})
             return None
 
     async def _cancel_snapshots(self) -> None:
@@ -219,5 +221,3 @@ class Feed:
 
 def _close_code(exc: ConnectionClosed) -> int | None:
     return exc.rcvd.code if exc.rcvd is not None else None
-
-

@@ -49,5 +49,8 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # One line per websocket frame at DEBUG would drown everything else.
-    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # Alembic announces each of its plugins at INFO on every run.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # The feed logs connection trouble itself, once, with context; the library's INFO lines
+    # (and one line per frame at DEBUG) would only repeat it.
+    logging.getLogger("websockets").setLevel(logging.WARNING)

@@ -209,4 +209,6 @@ class Pipeline:
         self._metrics.count_error(reason)
         self._metrics.count_loss(reason)
         preview = raw[:200] if isinstance(raw, str) else raw[:200].decode("utf-8", "replace")
-        log.warning("bad_frame", extra={"fields": {"reason": reason, "detail": detail, "frame": preview}})
+        log.warning(
+            "bad_frame", extra={"fields": {"reason": reason, "detail": detail, "frame": preview}}
+        )

@@ -44,12 +44,10 @@ class Service:
     def __init__(self, settings: Settings, *, with_feed: bool = True, tap: Tap | None = None):
         self.settings = settings
         self.metrics = Metrics()
-        self.process_stats = ProcessStats()
+        self.process_stats: ProcessStats = self.metrics.process
         self.engine: AsyncEngine = make_engine(settings.database_url)
         self.redis: aioredis.Redis | None = (
-            aioredis.from_url(
-                settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
-            )
+            aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             if settings.redis_url
             else None
         )
@@ -100,7 +98,9 @@ class Service:
             self._spawn("feed", self.feed.run())
         log.info(
             "service_started",
-            extra={"fields": {"symbols": list(self.settings.symbols), "feed": self.feed is not None}},
+            extra={
+                "fields": {"symbols": list(self.settings.symbols), "feed": self.feed is not None}
+            },
         )
 
     async def stop(self) -> None:
@@ -128,7 +128,7 @@ class Service:
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S), self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any failure means "down" for a probe
+        except Exception as exc:
             log.debug("database_probe_failed", extra={"fields": {"error": repr(exc)}})
             return False
         return True
@@ -182,11 +182,13 @@ class Service:
             label="symbol",
         )
         m.register_gauge(
-            "depthflow_redis_up", "1 when the last Redis push succeeded",
+            "depthflow_redis_up",
+            "1 when the last Redis push succeeded",
             lambda: float(self.redis_sink.healthy),
         )
         m.register_gauge(
-            "depthflow_database_up", "1 when the last database write succeeded",
+            "depthflow_database_up",
+            "1 when the last database write succeeded",
             lambda: float(self.writer.healthy),
         )
 
@@ -219,5 +221,5 @@ class Service:
             await asyncio.wait_for(task, timeout=60)
         except TimeoutError:
             log.error("task_stop_timeout", extra={"fields": {"task": name}})
-        except Exception:  # noqa: BLE001 - already logged by _task_done
+        except Exception:
             return

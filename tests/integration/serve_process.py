@@ -34,14 +34,21 @@ class ServeProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, timeout: float = 60.0) -> None:
+    async def start(self, wait_s: float = 60.0) -> None:
         env = {**os.environ, **self.env}
         self._log = self.log_path.open("wb")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "depthflow", "serve", "--port", str(self.port),
-            env=env, stdout=self._log, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "depthflow",
+            "serve",
+            "--port",
+            str(self.port),
+            env=env,
+            stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         async with httpx.AsyncClient(base_url=self.base_url) as client:
             while time.monotonic() < deadline:
                 if self.process.returncode is not None:
@@ -54,13 +61,13 @@ class ServeProcess:
                 await asyncio.sleep(0.1)
         raise TimeoutError(f"serve did not answer /health:\n{self.log_path.read_text()}")
 
-    async def stop(self, timeout: float = 60.0) -> int:
+    async def stop(self, wait_s: float = 60.0) -> int:
         """SIGTERM (what Docker and systemd send) and wait for a clean exit."""
         assert self.process is not None
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.process.wait(), timeout)
+                await asyncio.wait_for(self.process.wait(), wait_s)
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()

@@ -17,9 +17,9 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from depthflow.simulate.server import Simulator
 from prometheus_client.parser import text_string_to_metric_families
 
-from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.serve_process import ServeProcess
 from tests.reference import spec_signals
@@ -29,8 +29,8 @@ EVENTS = 801
 SMA_SHORT, SMA_LONG = 3, 8
 
 
-async def _wait_caught_up(client: httpx.AsyncClient, sim: Simulator, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_caught_up(client: httpx.AsyncClient, sim: Simulator, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         ids = []
         for symbol in SYMBOLS:
@@ -98,14 +98,16 @@ async def test_simulated_exchange_end_to_end(
     assert health["status"] == "OK", health
 
     # Faults were injected and show in the counters with their reasons.
-    assert metrics["error_count"] >= 1 and metrics["data_loss_count"] >= 1
+    assert metrics["error_count"] >= 1
+    assert metrics["data_loss_count"] >= 1
     loss = {
         s.labels["reason"]: s.value
         for family in text_string_to_metric_families(prometheus)
         if family.name == "depthflow_data_loss"
         for s in family.samples
     }
-    assert loss.get("gap", 0) >= 1 and loss.get("malformed", 0) >= 1, loss
+    assert loss.get("gap", 0) >= 1, loss
+    assert loss.get("malformed", 0) >= 1, loss
 
     conn = await asyncpg.connect(asyncpg_dsn(clean_db))
     try:
@@ -125,7 +127,8 @@ async def test_simulated_exchange_end_to_end(
     for tick in ticks:
         by_symbol[tick["symbol"]].append(tick)
     mismatches = [
-        t for t in ticks
+        t
+        for t in ticks
         if simulator.markets[t["symbol"].lower()].true_wap[t["last_update_id"]] != t["wap"]
     ]
     assert mismatches == []
@@ -148,8 +151,11 @@ async def test_simulated_exchange_end_to_end(
 
     # One JSON log line per signal row.
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    logged = [(x["symbol"], x["signal"], x["price"], x["last_update_id"]) for x in lines
-              if x.get("event") == "trading_signal"]
+    logged = [
+        (x["symbol"], x["signal"], x["price"], x["last_update_id"])
+        for x in lines
+        if x.get("event") == "trading_signal"
+    ]
     assert sorted(logged) == sorted(stored)
 
     # Accounting: every received frame became a tick or counted data loss with a reason.
@@ -159,6 +165,8 @@ async def test_simulated_exchange_end_to_end(
     finally:
         await client.aclose()
     totals = Counter({k: float(v) for k, v in counters.items()})
-    lost = sum(v for k, v in totals.items() if k.startswith("data_loss:") and k != "data_loss:overflow")
+    lost = sum(
+        v for k, v in totals.items() if k.startswith("data_loss:") and k != "data_loss:overflow"
+    )
     assert totals["tick_count"] == len(ticks)
     assert totals["message_count"] == totals["tick_count"] + lost, totals

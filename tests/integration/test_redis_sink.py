@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 
 from depthflow.metrics import Metrics
 from depthflow.redis_sink import COUNTERS_KEY, RedisSink, create_client
+from tests.tcp_proxy import TcpProxy
 
 INTERVAL = 0.02
 
@@ -26,20 +27,16 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 async def _raw(client: aioredis.Redis, prefix: str) -> dict[str, float]:
     raw = await client.hgetall(prefix + COUNTERS_KEY)
-    return {key.decode(): float(value) for key, value in raw.items()}
+    return {_text(key): float(value) for key, value in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _nonzero(totals: dict[str, float]) -> dict[str, float]:
     # Fields that never moved are never pushed, so the hash does not have them.
     return {key: value for key, value in totals.items() if value}
-
-
-def _closed_port() -> int:
-    # Bind then close: nothing listens there afterwards, so connecting is refused at once.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _bump(metrics: Metrics, scale: int) -> None:
@@ -142,41 +139,67 @@ async def test_redis_away_then_back_adds_the_deltas_once(
     client: aioredis.Redis, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="depthflow.redis_sink")
-    flaky = create_client(f"redis://127.0.0.1:{_closed_port()}/0", timeout=0.5)
+    parts = urlsplit(redis_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    port = await proxy.start()
+    flaky = create_client(f"redis://127.0.0.1:{port}/0", timeout=0.5)
     assert flaky is not None
     metrics = Metrics()
     sink = RedisSink(flaky, metrics, prefix=redis_prefix, flush_interval=INTERVAL)
     try:
-        # Down: every attempt fails, the deltas pile up locally.
         _bump(metrics, 1)
+        assert await sink.push()
+        assert sink.healthy
+
+        await proxy.cut()
+        # Down: every attempt fails, the deltas pile up locally.
+        metrics.count_messages(4)
         assert not await sink.push()
         assert not sink.healthy
-        metrics.count_messages(4)
+        metrics.count_loss("gap", 2)
         assert not await sink.push()
         assert not await sink.ping()
         assert metrics.errors["redis"] == 3
         assert await sink.totals() == metrics.local_totals()
         assert metrics.errors["redis"] == 4
+        assert (await _raw(client, redis_prefix))["message_count"] == 3
 
-        # Back: the same client now reaches the real server.
-        _point_at(flaky, redis_url)
+        await proxy.restore()
         metrics.count_messages(1)
         assert await sink.push()
         assert sink.healthy
         assert await sink.push()
     finally:
         await flaky.aclose()
+        await proxy.stop()
 
     raw = await _raw(client, redis_prefix)
     assert raw == pytest.approx(_nonzero(metrics.local_totals()))
     assert raw["message_count"] == 3 + 4 + 1
+    assert raw["data_loss:gap"] == 1 + 2
     assert raw["error:redis"] == 4
     assert raw["latency_count"] == 1
     messages = [r.getMessage() for r in caplog.records if r.name == "depthflow.redis_sink"]
     assert messages == ["redis_unavailable", "redis_restored"]
 
 
-def _point_at(client: aioredis.Redis, url: str) -> None:
-    """Make the client's next connections go to `url` (Redis "coming back" on the same client)."""
-    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
-    client.connection_pool.connection_kwargs["port"] = port
+async def test_stop_while_redis_is_away_still_ends_run(redis_url: str, redis_prefix: str) -> None:
+    parts = urlsplit(redis_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    port = await proxy.start()
+    flaky = create_client(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    assert flaky is not None
+    metrics = Metrics()
+    sink = RedisSink(flaky, metrics, prefix=redis_prefix, flush_interval=INTERVAL)
+    try:
+        await proxy.cut()
+        task = asyncio.create_task(sink.run())
+        metrics.count_messages(2)
+        await sink.stop()
+        # The final push fails, yet run() still ends: the deltas are lost with the process.
+        await asyncio.wait_for(task, 5)
+        assert not sink.healthy
+        assert metrics.errors["redis"] >= 1
+    finally:
+        await flaky.aclose()
+        await proxy.stop()

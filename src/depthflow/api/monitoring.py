@@ -55,9 +55,10 @@ async def ready(service: ServiceDep) -> Response:
 @router.get("/metrics", summary="Counters summed over every process sharing the Redis")
 async def metrics(service: ServiceDep) -> dict[str, Any]:
     totals = await service.redis_sink.totals()
-    return metrics_document(
+    document = metrics_document(
         totals, service.process_stats, service.metrics.latency_percentiles()
     )
+    return dict(document)
 
 
 @router.get(

@@ -1,0 +1,332 @@
+"""BatchWriter against the real PostgreSQL: flush triggers, outages through a TCP proxy, overflow,
+idempotent retries, shutdown and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from depthflow.metrics import Metrics
+from depthflow.records import OrderRow, SignalRow, TickRow
+from depthflow.storage import db
+from depthflow.storage.writer import BatchWriter
+from tests.tcp_proxy import TcpProxy
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def event(symbol: str, update_id: int, levels: int = 2) -> tuple[TickRow, list[OrderRow]]:
+    """One depth event's rows: a tick and ``levels`` order-book level updates."""
+    t = T0 + timedelta(milliseconds=100 * update_id)
+    tick: TickRow = (symbol, t, t, update_id, update_id, 99.0, 1.0, 101.0, 1.0, 100.0)
+    orders: list[OrderRow] = [
+        (symbol, t, update_id, "bid" if i % 2 else "ask", 100.0 + i, float(i))
+        for i in range(levels)
+    ]
+    return tick, orders
+
+
+def signal(symbol: str, update_id: int) -> SignalRow:
+    return (symbol, "open", 100.0, 100.5, 100.2, T0, update_id)
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate()`` holds; the generous limit only turns a hang into a failure."""
+    async with asyncio.timeout(10.0):
+        while not predicate():  # noqa: ASYNC110 (polls state that no event announces)
+            await asyncio.sleep(0.005)
+
+
+async def fetchval(url: str, query: str) -> int:
+    conn = await asyncpg.connect(db.asyncpg_dsn(url))
+    try:
+        return int(await conn.fetchval(query))
+    finally:
+        await conn.close()
+
+
+async def count(url: str, table: str) -> int:
+    return await fetchval(url, f"SELECT count(*) FROM {table}")
+
+
+class Harness:
+    """Builds writers on engines (direct or through the proxy) and tears all of them down."""
+
+    def __init__(self, url: str, proxy: TcpProxy) -> None:
+        self.url = url
+        self.proxy = proxy
+        self.metrics = Metrics()
+        self._engines: list[AsyncEngine] = []
+        self._writers: list[BatchWriter] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def writer(
+        self,
+        *,
+        via_proxy: bool = False,
+        batch_max_rows: int = 1000,
+        batch_max_delay_ms: int = 60_000,
+        buffer_max_rows: int = 1_000_000,
+    ) -> BatchWriter:
+        url = self.url
+        if via_proxy:
+            url = make_url(url).set(port=self.proxy.port).render_as_string(hide_password=False)
+        engine = db.make_engine(url, pool_size=1)
+        self._engines.append(engine)
+        writer = BatchWriter(
+            engine,
+            self.metrics,
+            batch_max_rows=batch_max_rows,
+            batch_max_delay_ms=batch_max_delay_ms,
+            buffer_max_rows=buffer_max_rows,
+        )
+        self._writers.append(writer)
+        return writer
+
+    def run(self, writer: BatchWriter) -> asyncio.Task[None]:
+        task = asyncio.create_task(writer.run())
+        self._tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        await self.proxy.restore()
+        for writer in self._writers:
+            await writer.stop(timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for engine in self._engines:
+            await engine.dispose()
+
+
+@pytest.fixture
+async def harness(clean_db: str) -> AsyncIterator[Harness]:
+    server = make_url(clean_db)
+    proxy = TcpProxy(server.host or "127.0.0.1", server.port or 5432)
+    await proxy.start()
+    h = Harness(clean_db, proxy)
+    try:
+        yield h
+    finally:
+        await h.close()
+        await proxy.stop()
+
+
+async def test_flushes_when_batch_is_full_without_waiting_for_the_delay(harness: Harness) -> None:
+    writer = harness.writer(batch_max_rows=10, batch_max_delay_ms=600_000)
+    harness.run(writer)
+    for update_id in range(1, 5):  # 4 events x 3 rows = 12 >= 10
+        assert writer.add_event(*event("btcusdt", update_id))
+
+    await eventually(lambda: writer.buffered == 0)
+
+    assert await count(harness.url, "price_ticks") == 4
+    assert await count(harness.url, "orders") == 8
+    assert writer.rows_written == {"price_ticks": 4, "orders": 8, "trading_signals": 0}
+    assert harness.metrics.rows_written["orders"] == 8
+
+
+async def test_flushes_a_small_batch_once_the_delay_has_passed(harness: Harness) -> None:
+    writer = harness.writer(batch_max_rows=100_000, batch_max_delay_ms=30)
+    harness.run(writer)
+    assert writer.add_event(*event("btcusdt", 1))
+    assert writer.add_signal(signal("btcusdt", 1))
+
+    await eventually(lambda: writer.buffered == 0)
+
+    assert await count(harness.url, "price_ticks") == 1
+    assert await count(harness.url, "orders") == 2
+    assert await count(harness.url, "trading_signals") == 1
+    created = await fetchval(
+        harness.url, "SELECT count(*) FROM trading_signals WHERE created_at IS NOT NULL"
+    )
+    assert created == 1
+
+
+async def test_connection_cut_mid_stream_loses_and_duplicates_nothing(harness: Harness) -> None:
+    writer = harness.writer(via_proxy=True, batch_max_rows=50, batch_max_delay_ms=10)
+    harness.run(writer)
+    added = {"ticks": 0, "orders": 0}
+    produce = True
+
+    async def producer() -> None:
+        update_id = 0
+        while produce:
+            update_id += 1
+            for symbol in ("btcusdt", "ethusdt"):
+                tick, orders = event(symbol, update_id, levels=update_id % 4)
+                assert writer.add_event(tick, orders)
+                added["ticks"] += 1
+                added["orders"] += len(orders)
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(producer())
+    for _ in range(4):
+        written = writer.rows_written["price_ticks"]
+        await eventually(lambda w=written: writer.rows_written["price_ticks"] > w + 100)
+        # Cut while a write is in flight (connecting, COPY, or waiting for the COMMIT's ack).
+        await eventually(writer._lock.locked)
+        await harness.proxy.cut()
+        await eventually(lambda: not writer.healthy)
+        during_outage = added["ticks"]
+        await eventually(lambda n=during_outage: added["ticks"] > n + 100)
+        await harness.proxy.restore()
+        await eventually(lambda: writer.healthy)
+    produce = False
+    await task
+    await writer.stop()
+
+    assert harness.metrics.errors["database"] >= 4
+    assert writer.buffered == 0
+    assert await count(harness.url, "price_ticks") == added["ticks"]
+    assert await count(harness.url, "orders") == added["orders"]
+    distinct_events = await fetchval(
+        harness.url, "SELECT count(DISTINCT (symbol, last_update_id)) FROM price_ticks"
+    )
+    assert distinct_events == added["ticks"]
+    assert await fetchval(harness.url, "SELECT count(DISTINCT id) FROM orders") == added["orders"]
+    assert harness.metrics.data_loss == {}
+
+
+async def test_overflow_while_database_is_away_is_counted_and_the_rest_written(
+    harness: Harness,
+) -> None:
+    writer = harness.writer(via_proxy=True, batch_max_rows=5, buffer_max_rows=30)
+    await harness.proxy.cut()
+    harness.run(writer)
+
+    accepted = [writer.add_event(*event("btcusdt", update_id)) for update_id in range(1, 21)]
+    await eventually(lambda: not writer.healthy)
+    signal_accepted = writer.add_signal(signal("btcusdt", 99))
+
+    assert accepted == [True] * 10 + [False] * 10  # 3 rows each, 30 fit
+    assert not signal_accepted
+    assert harness.metrics.data_loss["overflow"] == 11
+    assert writer.buffered == 30
+
+    await harness.proxy.restore()
+    await eventually(lambda: writer.buffered == 0)
+    await writer.stop()
+    assert await count(harness.url, "price_ticks") == 10
+    assert await count(harness.url, "orders") == 20
+    assert await count(harness.url, "trading_signals") == 0
+
+
+async def test_retry_of_a_batch_committed_with_its_ack_lost_writes_nothing_again(
+    harness: Harness,
+) -> None:
+    writer = harness.writer()
+    for update_id in range(1, 4):
+        writer.add_event(*event("btcusdt", update_id))
+    batch = writer._take_batch()
+    assert batch is not None
+    # The first attempt committed (marker and rows) but its acknowledgement never arrived.
+    assert await writer._write_batch(batch) is True
+    assert await count(harness.url, "price_ticks") == 3
+
+    assert await writer._attempt() == 9  # the retry of the same batch
+
+    assert await count(harness.url, "price_ticks") == 3
+    assert await count(harness.url, "orders") == 6
+    assert await count(harness.url, "ingest_batches") == 1
+    assert writer.buffered == 0
+    assert writer.rows_written == {"price_ticks": 3, "orders": 6, "trading_signals": 0}
+
+
+async def test_marker_from_an_earlier_commit_makes_the_batch_a_no_op(harness: Harness) -> None:
+    writer = harness.writer()
+    writer.add_event(*event("btcusdt", 1))
+    batch = writer._take_batch()
+    assert batch is not None
+    conn = await asyncpg.connect(db.asyncpg_dsn(harness.url))
+    try:
+        await conn.execute(
+            "INSERT INTO ingest_batches (batch_id, rows) VALUES ($1, 3)", batch.batch_id
+        )
+    finally:
+        await conn.close()
+
+    assert await writer._write_batch(batch) is False
+    assert await count(harness.url, "price_ticks") == 0
+
+
+async def test_stop_flushes_everything_and_refuses_later_rows(harness: Harness) -> None:
+    writer = harness.writer(batch_max_rows=100_000, batch_max_delay_ms=600_000)
+    task = harness.run(writer)
+    for update_id in range(1, 101):
+        writer.add_event(*event("ethusdt", update_id))
+    writer.add_signal(signal("ethusdt", 100))
+
+    await writer.stop()
+    await asyncio.wait_for(task, 5.0)
+
+    assert await count(harness.url, "price_ticks") == 100
+    assert await count(harness.url, "orders") == 200
+    assert await count(harness.url, "trading_signals") == 1
+    assert not writer.add_event(*event("ethusdt", 101))
+    assert harness.metrics.data_loss["shutdown"] == 1
+
+
+async def test_stop_counts_rows_it_could_not_write_as_shutdown_loss(harness: Harness) -> None:
+    writer = harness.writer(via_proxy=True)
+    await harness.proxy.cut()
+    for update_id in range(1, 6):
+        writer.add_event(*event("btcusdt", update_id))
+
+    await writer.stop(timeout=0.3)
+
+    assert harness.metrics.data_loss["shutdown"] == 15
+    assert writer.buffered == 15
+
+
+async def test_batch_the_database_refuses_is_dropped_and_counted(harness: Harness) -> None:
+    writer = harness.writer()
+    bad: OrderRow = ("btcusdt", T0, 1, None, 1.0, 1.0)  # type: ignore[assignment]
+    writer.add_event(None, [bad])
+
+    for _ in range(2):
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await writer.flush()
+    await writer.flush()  # third refusal: dropped, not retried forever
+
+    assert writer.buffered == 0
+    assert harness.metrics.data_loss["rejected"] == 1
+    writer.add_event(*event("btcusdt", 2))
+    await writer.flush()
+    assert await count(harness.url, "price_ticks") == 1
+
+
+async def test_wait_capacity_blocks_while_healthy_and_behind_until_a_flush(
+    harness: Harness,
+) -> None:
+    writer = harness.writer(batch_max_rows=5, buffer_max_rows=1000)  # high water: 20 rows
+    for update_id in range(1, 11):
+        writer.add_event(*event("btcusdt", update_id))
+    waiter = asyncio.create_task(writer.wait_capacity())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiter.done()  # nothing flushes: no run() task
+
+    await writer.flush()
+
+    await asyncio.wait_for(waiter, 5.0)
+    assert writer.buffered == 0
+
+
+async def test_wait_capacity_returns_at_once_while_the_database_is_away(harness: Harness) -> None:
+    writer = harness.writer(via_proxy=True, batch_max_rows=5, buffer_max_rows=1000)
+    await harness.proxy.cut()
+    for update_id in range(1, 11):
+        writer.add_event(*event("btcusdt", update_id))
+    assert await writer._attempt() is None  # failed
+    assert not writer.healthy
+
+    await asyncio.wait_for(writer.wait_capacity(), 5.0)
+
+    assert writer.buffered == 30
