@@ -196,7 +196,7 @@ def test_book_matches_naive_reference(ops: list[tuple[str, Lv, Lv]]) -> None:
 def test_new_sync_is_waiting_with_nothing_buffered() -> None:
     sync = BookSync("BTCUSDT")
     assert sync.state is SyncState.WAITING
-    assert not sync.needs_snapshot
+    assert sync.needs_snapshot  # resync at once, without waiting for a first event
     assert sync.first_buffered_id is None
     assert sync.last_update_id is None
 
@@ -304,7 +304,7 @@ def test_gap_on_last_replayed_event_leaves_waiting() -> None:
     assert [o for _, o in sync.on_snapshot(BASE)] == [Outcome.APPLIED, Outcome.GAP]
     assert sync.state is SyncState.WAITING
     assert sync.buffered == 0
-    assert not sync.needs_snapshot
+    assert sync.needs_snapshot
 
 
 def test_late_snapshot_is_ignored() -> None:
@@ -313,10 +313,22 @@ def test_late_snapshot_is_ignored() -> None:
     assert list(sync.on_snapshot(snap(500, bids=[(1.0, 1.0)]))) == []
     assert sync.last_update_id == 101
     assert sync.book.best_bid() == (10.0, 3.0)
+
+
+def test_snapshot_while_waiting_goes_live_and_checks_the_next_event() -> None:
+    # After a gap (or a reconnect) the snapshot may arrive before any event: the book goes live
+    # and the first event is held to the live rules (Binance's "U <= lastUpdateId + 1" check).
     waiting = BookSync("BTCUSDT")
     assert list(waiting.on_snapshot(BASE)) == []
-    assert waiting.state is SyncState.WAITING
-    assert len(waiting.book) == 0
+    assert waiting.state is SyncState.LIVE
+    assert waiting.last_update_id == 100
+    assert waiting.on_event(ev(95, 99)) is Outcome.STALE
+    assert waiting.on_event(ev(99, 102, bids=[(10.0, 4.0)])) is Outcome.APPLIED
+    assert waiting.book.best_bid() == (10.0, 4.0)
+    too_new = BookSync("BTCUSDT")
+    assert list(too_new.on_snapshot(BASE)) == []
+    assert too_new.on_event(ev(103, 105)) is Outcome.GAP
+    assert too_new.needs_snapshot
 
 
 def test_overflow_rejects_new_events_but_keeps_buffered_ones() -> None:

@@ -52,7 +52,8 @@ def test_event_shape_is_binance_diff_depth() -> None:
     assert set(event) == {"e", "E", "s", "U", "u", "b", "a"}
     assert (event["e"], event["E"], event["s"]) == ("depthUpdate", 1_700_000_000_123, "ETHUSDT")
     for price, qty in event["b"] + event["a"]:
-        assert DECIMAL_8.match(price) and DECIMAL_8.match(qty)
+        assert DECIMAL_8.match(price)
+        assert DECIMAL_8.match(qty)
     # Levels within an event are unique and ordered best first, as Binance lists them.
     bid_prices = [float(p) for p, _ in event["b"]]
     ask_prices = [float(p) for p, _ in event["a"]]
@@ -87,7 +88,8 @@ def test_book_never_crossed_or_empty_and_depth_bounded(seed: int, symbol: str) -
     for i in range(300):
         market.next_event(i)
         _, bids, asks = market.top(1)
-        assert bids and asks
+        assert bids
+        assert asks
         assert bids[0][0] < asks[0][0]
         assert 20 <= market.bid_count <= 60
         assert 20 <= market.ask_count <= 60

@@ -161,8 +161,8 @@ class BookSync:
 
     @property
     def needs_snapshot(self) -> bool:
-        """True while events are buffered and a snapshot must be fetched."""
-        return self.state is SyncState.BUFFERING
+        """True until the book is live: a snapshot must be fetched."""
+        return self.state is not SyncState.LIVE
 
     @property
     def first_buffered_id(self) -> int | None:
@@ -192,14 +192,17 @@ class BookSync:
         """Load `snapshot` and replay the buffer, yielding ``(event, outcome)`` per buffered event.
 
         The book is loaded when this is called; at each yield it reflects exactly the events
-        handled so far. Yields nothing, and changes nothing, if not BUFFERING (a late snapshot)
-        or if the snapshot is older than the first buffered event (`needs_snapshot` stays True:
-        fetch again). Exhaust the iterator before feeding more events: a replay left unfinished
-        drops the rest of the buffer, and the next live event then reports the hole as a GAP.
+        handled so far. Yields nothing, and changes nothing, when LIVE (a late snapshot) or if
+        the snapshot is older than the first buffered event (`needs_snapshot` stays True: fetch
+        again). In WAITING (nothing buffered yet, e.g. right after a gap or a reconnect) the book
+        is loaded and goes live at once: the next event is then checked by the live rules, which
+        is Binance's first-event check, so a stream that pauses after a gap still resyncs.
+        Exhaust the iterator before feeding more events: a replay left unfinished drops the rest
+        of the buffer, and the next live event then reports the hole as a GAP.
         """
-        if (
-            self.state is not SyncState.BUFFERING
-            or snapshot.last_update_id < self._buffer[0].first_update_id
+        if self.state is SyncState.LIVE or (
+            self.state is SyncState.BUFFERING
+            and snapshot.last_update_id < self._buffer[0].first_update_id
         ):
             return iter(())
         pending, self._buffer = self._buffer, deque()

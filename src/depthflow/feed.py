@@ -91,6 +91,7 @@ class Feed:
                 reconnect_delays=backoff_delays,
                 process_exception=self._connect_failed,
                 open_timeout=10,
+                close_timeout=2,
                 max_size=2**22,
                 # Frames queue in the library while the pipeline works; a deeper queue smooths
                 # bursts (Binance sends up to 10 frames/s per symbol, the simulator far more).
@@ -113,6 +114,9 @@ class Feed:
         await self._cancel_snapshots()
         self._pipeline.reset_all()
         self.state = FeedState.CONNECTED
+        # Resync every book now rather than on its first event, so a quiet symbol is live too.
+        for symbol in self._pipeline.symbols_needing_snapshot():
+            self._request_snapshot(symbol)
         log.info("feed_connected", extra={"fields": {"url": url, "connection": self.connections}})
         try:
             rotated = await self._consume(ws)

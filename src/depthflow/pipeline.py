@@ -101,7 +101,8 @@ class Pipeline:
             self._emit(sync, event, received_at)
             return None
         self._account(sync, event, outcome, received_at)
-        return sync.symbol if outcome is Outcome.BUFFERED and sync.needs_snapshot else None
+        # A gap or the first buffered event: the book wants a snapshot now.
+        return sync.symbol if sync.needs_snapshot else None
 
     def on_snapshot(self, symbol: str, snapshot: Snapshot) -> bool:
         """Apply a REST snapshot; returns True while the book still needs one (it was too old)."""

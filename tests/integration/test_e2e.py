@@ -25,7 +25,7 @@ from tests.integration.serve_process import ServeProcess
 from tests.reference import spec_signals
 
 SYMBOLS = ("btcusdt", "ethusdt")
-EVENTS = 801
+EVENTS = 1201
 SMA_SHORT, SMA_LONG = 3, 8
 
 
@@ -47,7 +47,7 @@ async def simulator() -> Simulator:
     sim = Simulator(
         SYMBOLS,
         seed=7,
-        rate=400,
+        rate=250,
         gap_every=200,
         malformed_every=150,
         disconnect_every=700,
@@ -94,7 +94,9 @@ async def test_simulated_exchange_end_to_end(
     finally:
         exit_code = await serve.stop()
     log = serve.log_text()
-    assert exit_code == 0, log
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
+    assert exit_code in {0, -15}, log
+    assert '"event":"service_stopped"' in log
     assert health["status"] == "OK", health
 
     # Faults were injected and show in the counters with their reasons.

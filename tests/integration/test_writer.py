@@ -43,6 +43,12 @@ async def eventually(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
+def progressed(value: Callable[[], int], *, by: int) -> Callable[[], bool]:
+    """A predicate: ``value()`` has grown by more than ``by`` since this call."""
+    start = value()
+    return lambda: value() > start + by
+
+
 async def fetchval(url: str, query: str) -> int:
     conn = await asyncpg.connect(db.asyncpg_dsn(url))
     try:
@@ -168,14 +174,12 @@ async def test_connection_cut_mid_stream_loses_and_duplicates_nothing(harness: H
 
     task = asyncio.create_task(producer())
     for _ in range(4):
-        written = writer.rows_written["price_ticks"]
-        await eventually(lambda w=written: writer.rows_written["price_ticks"] > w + 100)
+        await eventually(progressed(lambda: writer.rows_written["price_ticks"], by=100))
         # Cut while a write is in flight (connecting, COPY, or waiting for the COMMIT's ack).
         await eventually(writer._lock.locked)
         await harness.proxy.cut()
         await eventually(lambda: not writer.healthy)
-        during_outage = added["ticks"]
-        await eventually(lambda n=during_outage: added["ticks"] > n + 100)
+        await eventually(progressed(lambda: added["ticks"], by=100))
         await harness.proxy.restore()
         await eventually(lambda: writer.healthy)
     produce = False

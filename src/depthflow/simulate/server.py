@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection
@@ -27,22 +26,26 @@ from websockets.http11 import Request, Response
 
 from depthflow.simulate.frames import Frame, Replay, load_replay, malformed_frame
 from depthflow.simulate.market import Market
+from depthflow.simulate.routes import (
+    BadRequest,
+    DepthQuery,
+    binance_error,
+    json_response,
+    parse_depth_query,
+    parse_subscription,
+)
 
 __all__ = ["Simulator", "serve"]
 
 logger = logging.getLogger(__name__)
 
-_STREAM_NAME = re.compile(r"^([a-z0-9]+)@depth(?:@100ms|@1000ms)?$")
-_DEFAULT_LIMIT = 100  # Binance: "Default 100; Maximum 5000"
-_MAX_LIMIT = 5000
 _YIELD_EVERY = 64  # full-speed pumps let handshakes and REST calls in this often
 _DISCONNECT_CODE = 1001  # "going away", as a server restart would close it
 # Bigger than websockets' 32 KiB default: fewer drain() waits when pushing frames at full speed.
 _WRITE_LIMIT = 2**20
-
-
-class _BadRequest(ValueError):
-    """A request to refuse with 400 and this message."""
+# A flooded client whose receive buffer is full never reads our close frame (websockets #1555);
+# give up on it sooner than the 10 s default so kicks and shutdown stay quick.
+_CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass(eq=False)
@@ -59,6 +62,8 @@ class _Subscriber:
 
 @dataclass
 class _Faults:
+    """Fault injection periods; 0 disables each."""
+
     gap_every: int = 0
     disconnect_every: int = 0
     malformed_every: int = 0
@@ -140,6 +145,7 @@ class Simulator:
             process_request=self._process_request,
             compression=None,  # deflate would cost more CPU per frame than everything else
             write_limit=_WRITE_LIMIT,
+            close_timeout=_CLOSE_TIMEOUT_S,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._pump_task = asyncio.create_task(self._pump(), name="simulator-pump")
@@ -165,12 +171,17 @@ class Simulator:
     # -- pumps ----------------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        if self._replay is not None:
-            await self._pump_replay(self._replay)
-        elif self._prebuilt is not None:
-            await self._pump_prebuilt(self._prebuilt)
-        else:
-            await self._pump_live()
+        try:
+            if self._replay is not None:
+                await self._pump_replay(self._replay)
+            elif self._prebuilt is not None:
+                await self._pump_prebuilt(self._prebuilt)
+            else:
+                await self._pump_live()
+        except Exception:
+            # Nobody awaits the pump until stop(): say so now rather than fall silent.
+            logger.exception("simulator_pump_failed")
+            raise
         self.done.set()
         logger.info("simulator_done", extra={"fields": {"frames_sent": self.frames_sent}})
 
@@ -300,8 +311,8 @@ class Simulator:
         request = connection.request
         if request is None:  # pragma: no cover - websockets always sets it before the handler
             return
-        combined, streams = self._parse_subscription(request.path)
-        subscriber = _Subscriber(connection, combined, streams)
+        subscription = parse_subscription(request.path, self._symbols)
+        subscriber = _Subscriber(connection, subscription.combined, subscription.streams)
         self._subscribe(subscriber)
         try:
             async for message in connection:
@@ -335,54 +346,29 @@ class Simulator:
         else:
             self._has_subscribers.clear()
 
-    def _parse_subscription(self, path: str) -> tuple[bool, dict[str, str]]:
-        """``(combined, {symbol: stream name})`` for a stream path, or raise `_BadRequest`."""
-        url = urlsplit(path)
-        if url.path == "/stream":
-            names = [n for v in parse_qs(url.query).get("streams", []) for n in v.split("/") if n]
-            combined = True
-        else:
-            names = [name for name in url.path.removeprefix("/ws/").split("/") if name]
-            combined = False
-        if not names:
-            raise _BadRequest("no stream requested")
-        streams: dict[str, str] = {}
-        for name in names:
-            match = _STREAM_NAME.match(name.lower())
-            if match is None or match.group(1) not in self._symbols:
-                raise _BadRequest(f"invalid stream name {name!r}")
-            streams[match.group(1)] = name.lower()
-        return combined, streams
-
     # -- HTTP -----------------------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if url.path == "/api/v3/depth":
-            status, body = self._depth(parse_qs(url.query))
-            return _json_response(connection, status, body)
+            status, body = self._depth(url.query)
+            return json_response(connection, status, body)
         if url.path == "/stream" or url.path.startswith("/ws/"):
             try:
-                self._parse_subscription(request.path)
-            except _BadRequest as exc:
+                parse_subscription(request.path, self._symbols)
+            except BadRequest as exc:
                 return connection.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
             return None
         return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
 
-    def _depth(self, query: dict[str, list[str]]) -> tuple[HTTPStatus, str]:
+    def _depth(self, query: str) -> tuple[HTTPStatus, str]:
         """``GET /api/v3/depth``: status and JSON body, errors shaped like Binance's."""
-        symbol = (query.get("symbol") or [""])[0].lower()
-        raw_limit = (query.get("limit") or [str(_DEFAULT_LIMIT)])[0]
-        if not symbol:
-            return _binance_error(-1102, "Mandatory parameter 'symbol' was not sent.")
-        if not raw_limit.isdigit():
-            return _binance_error(-1100, "Illegal characters found in parameter 'limit'.")
-        if symbol not in self._symbols:
-            return _binance_error(-1121, "Invalid symbol.")
-        limit = min(max(int(raw_limit), 1), _MAX_LIMIT)
-        body = self._snapshot_body(symbol, limit)
+        parsed = parse_depth_query(query, self._symbols)
+        if not isinstance(parsed, DepthQuery):
+            return parsed
+        body = self._snapshot_body(parsed.symbol, parsed.limit)
         if body is None:
-            return _binance_error(-1121, "Invalid symbol.")
+            return binance_error(-1121, "Invalid symbol.")
         return HTTPStatus.OK, body
 
     def _snapshot_body(self, symbol: str, limit: int) -> str | None:
@@ -396,17 +382,6 @@ class Simulator:
                 replica.next_event(0)
             return msgspec.json.encode(replica.snapshot(limit)).decode()
         return msgspec.json.encode(self.markets[symbol].snapshot(limit)).decode()
-
-
-def _binance_error(code: int, message: str) -> tuple[HTTPStatus, str]:
-    return HTTPStatus.BAD_REQUEST, msgspec.json.encode({"code": code, "msg": message}).decode()
-
-
-def _json_response(connection: ServerConnection, status: HTTPStatus, body: str) -> Response:
-    response = connection.respond(status, body)
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json;charset=UTF-8"
-    return response
 
 
 async def serve(

@@ -273,7 +273,7 @@ class BatchWriter:
                 await self._stop_requested.wait()
 
     def _backoff_delay(self) -> float:
-        base = min(_BACKOFF_MAX_S, _BACKOFF_MIN_S * 2.0 ** min(self._failures, 16))
+        base = min(_BACKOFF_MAX_S, _BACKOFF_MIN_S * 2.0 ** min(max(self._failures - 1, 0), 16))
         return max(_BACKOFF_MIN_S, base * random.uniform(0.5, 1.0))
 
     # -- one write attempt -------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class BatchWriter:
         orders, self._orders = _split(self._orders, n)
         signals, self._signals = _split(self._signals, n)
         batch = _Batch(uuid.uuid4(), ticks, orders, signals)
-        # Remaining queued rows keep `_oldest`: they are older than it would claim otherwise.
+        # Rows left queued keep `_oldest`: conservative, their flush can come early but never late.
         self._queued -= batch.rows
         self._pending = batch
         self._pending_rows = batch.rows
