@@ -17,9 +17,9 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from depthflow.simulate.server import Simulator
 from prometheus_client.parser import text_string_to_metric_families
 
+from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.serve_process import ServeProcess
 from tests.reference import spec_signals
