@@ -1,0 +1,90 @@
+"""Settings: names and defaults of the contract, one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from depthflow.config import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SYMBOLS", "SMA_SHORT", "SMA_LONG", "DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir("/")  # no stray .env
+
+
+def test_defaults_follow_the_contract() -> None:
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.database_url == "postgresql+asyncpg://postgres:postgres@localhost:5432/depthflow"
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.symbols == ("btcusdt",)
+    assert s.binance_ws_url == "wss://stream.binance.com:9443"
+    assert s.binance_rest_url == "https://api.binance.com"
+    assert (s.depth_interval_ms, s.snapshot_limit) == (100, 1000)
+    assert (s.sma_short, s.sma_long) == (5, 20)
+    assert (s.batch_max_rows, s.batch_max_delay_ms, s.buffer_max_rows) == (5000, 250, 1_000_000)
+    assert s.log_level == "INFO"
+
+
+def test_symbols_are_split_lowercased_and_deduplicated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYMBOLS", " BTCUSDT,ethusdt, btcusdt ,")
+    s = load_settings()
+    assert s.symbols == ("btcusdt", "ethusdt")
+    assert s.stream_url == (
+        "wss://stream.binance.com:9443/stream?streams=btcusdt@depth@100ms/ethusdt@depth@100ms"
+    )
+
+
+def test_plain_postgres_url_gets_the_async_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db:5432/x")
+    assert load_settings().database_url == "postgresql+asyncpg://u@db:5432/x"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SMA_SHORT", "abc"),
+        ("SMA_LONG", "0"),
+        ("DEPTH_INTERVAL_MS", "250"),
+        ("SYMBOLS", "btc-usdt"),
+        ("BATCH_MAX_ROWS", "-1"),
+        ("LOG_LEVEL", "chatty"),
+        ("DATABASE_URL", "mysql://x"),
+    ],
+)
+def test_a_bad_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+
+
+def test_short_window_must_be_below_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMA_SHORT", "20")
+    monkeypatch.setenv("SMA_LONG", "20")
+    with pytest.raises(SettingsError, match=r"SMA_SHORT.*SMA_LONG"):
+        load_settings()
+
+
+def test_serve_with_a_bad_setting_exits_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "depthflow", "serve"],
+        env={"SMA_SHORT": "abc", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "SMA_SHORT" in lines[0]
