@@ -38,7 +38,7 @@ class Waps:
 
 
 def frame(
-    U: int,  # noqa: N803 - Binance's field names
+    U: int,
     u: int,
     b: Any = (),
     a: Any = (),

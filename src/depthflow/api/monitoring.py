@@ -49,7 +49,8 @@ async def health(service: ServiceDep) -> Health:
 )
 async def ready(service: ServiceDep) -> Response:
     body, ok = await _health(service)
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
+    ready = ok and service.pipeline.in_sync
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Counters summed over every process sharing the Redis")
