@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import FromClause, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from depthflow.api.deps import ServiceDep
+from depthflow.service import Service
 from depthflow.storage.models import PriceTick, TradingSignal
 
 router = APIRouter(tags=["data"])
@@ -68,23 +70,37 @@ async def book(
     )
 
 
-@router.get("/ticks", response_model=list[Tick])
+@router.get(
+    "/ticks", response_model=list[Tick], responses={503: {"description": "Database unavailable"}}
+)
 async def ticks(service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100) -> list[Tick]:
-    query = select(PriceTick).order_by(PriceTick.id.desc()).limit(limit)
-    if symbol:
-        query = query.where(PriceTick.symbol == symbol.upper())
-    async with service.engine.connect() as conn:
-        rows = (await conn.execute(query)).mappings().all()
-    return [Tick.model_validate(dict(row)) for row in rows]
+    """The newest stored ticks first."""
+    rows = await _newest(service, PriceTick.__table__, symbol, limit)
+    return [Tick.model_validate(row) for row in rows]
 
 
-@router.get("/signals", response_model=list[Signal])
+@router.get(
+    "/signals",
+    response_model=list[Signal],
+    responses={503: {"description": "Database unavailable"}},
+)
 async def signals(
     service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100
 ) -> list[Signal]:
-    query = select(TradingSignal).order_by(TradingSignal.id.desc()).limit(limit)
+    """The newest stored signals first."""
+    rows = await _newest(service, TradingSignal.__table__, symbol, limit)
+    return [Signal.model_validate(row) for row in rows]
+
+
+async def _newest(
+    service: Service, table: FromClause, symbol: str | None, limit: int
+) -> list[dict[str, Any]]:
+    query = select(table).order_by(table.c.id.desc()).limit(limit)
     if symbol:
-        query = query.where(TradingSignal.symbol == symbol.upper())
-    async with service.engine.connect() as conn:
-        rows = (await conn.execute(query)).mappings().all()
-    return [Signal.model_validate(dict(row)) for row in rows]
+        query = query.where(table.c.symbol == symbol.upper())
+    try:
+        async with service.engine.connect() as conn:
+            result = await conn.execute(query)
+    except (OSError, SQLAlchemyError) as exc:
+        raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc
+    return [dict(row) for row in result.mappings()]
