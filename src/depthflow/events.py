@@ -26,6 +26,10 @@ __all__ = [
 _FINITE = 1e15
 Price = Annotated[float, msgspec.Meta(gt=0, lt=_FINITE)]
 Quantity = Annotated[float, msgspec.Meta(ge=0, lt=_FINITE)]
+# Update ids are stored as PostgreSQL bigint; an id beyond it must be rejected here, not by COPY.
+UpdateId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Milliseconds up to 9999-12-31, the last instant a Python datetime can hold.
+EventTime = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
 Level = tuple[Price, Quantity]
 
 
@@ -33,10 +37,10 @@ class DepthEvent(msgspec.Struct, frozen=True):
     """One diff-depth event (``"e": "depthUpdate"``)."""
 
     event_type: str = msgspec.field(name="e")
-    event_time: int = msgspec.field(name="E")
+    event_time: EventTime = msgspec.field(name="E")
     symbol: str = msgspec.field(name="s")
-    first_update_id: int = msgspec.field(name="U")
-    last_update_id: int = msgspec.field(name="u")
+    first_update_id: UpdateId = msgspec.field(name="U")
+    last_update_id: UpdateId = msgspec.field(name="u")
     bids: list[Level] = msgspec.field(name="b")
     asks: list[Level] = msgspec.field(name="a")
 
@@ -51,7 +55,7 @@ class Frame(msgspec.Struct, frozen=True):
 class Snapshot(msgspec.Struct, frozen=True):
     """``GET /api/v3/depth`` response."""
 
-    last_update_id: int = msgspec.field(name="lastUpdateId")
+    last_update_id: UpdateId = msgspec.field(name="lastUpdateId")
     bids: list[Level]
     asks: list[Level]
 

@@ -54,7 +54,7 @@ async def test_record_then_replay_stores_the_true_ticks(
     items = list(read_recording(path))
     frames = [i for i in items if isinstance(i, RecordedFrame)]
     snapshots = [i for i in items if isinstance(i, RecordedSnapshot)]
-    assert len(frames) > 300
+    assert len(frames) >= 100
     # One snapshot at start-up and one after each injected gap.
     assert len(snapshots) >= 2
 

@@ -17,7 +17,9 @@ from depthflow.storage.models import PriceTick, TradingSignal
 router = APIRouter(tags=["data"])
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="Rows to return, newest first")]
-SymbolFilter = Annotated[str | None, Query(max_length=30, description="e.g. btcusdt")]
+SymbolFilter = Annotated[
+    str | None, Query(max_length=30, pattern=r"^[A-Za-z0-9]+$", description="e.g. btcusdt")
+]
 
 
 class Book(BaseModel):

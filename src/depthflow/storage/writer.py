@@ -54,6 +54,9 @@ _WRITE_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     SQLAlchemyError,
+    # asyncpg's encoders raise these for a value that does not fit its column (e.g. bigint).
+    OverflowError,
+    ValueError,
 )
 # PostgreSQL error classes about the rows themselves (22 data exception, 23 integrity violation):
 # retrying the same batch can never succeed, so after a few tries it is dropped and counted.
@@ -408,5 +411,6 @@ async def _copy(apg: Any, table: str, columns: Sequence[str], rows: list[Any]) -
 def _is_poison(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate)[:2] in _POISON_SQLSTATE_CLASSES
-    # asyncpg's client-side DataError (a value it cannot encode) is a ValueError.
-    return isinstance(exc, ValueError)
+    # asyncpg's client-side DataError (a value it cannot encode) is a ValueError; an integer
+    # beyond its column's range is an OverflowError.
+    return isinstance(exc, ValueError | OverflowError)
