@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from typing import Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -27,6 +29,7 @@ __all__ = ["COUNTERS_KEY", "RedisSink", "create_client"]
 log = logging.getLogger(__name__)
 
 COUNTERS_KEY = "counters"
+_READ_TTL_S: Final = 0.1
 # Pushed with HINCRBYFLOAT; every other field is an integer counter (HINCRBY).
 _FLOAT_FIELDS = frozenset({"latency_sum"})
 # Redis failures that mean "away"; OSError covers sockets errors redis-py does not wrap.
@@ -77,6 +80,12 @@ class RedisSink:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._healthy: bool | None = None  # None: no attempt yet
+        # /metrics may be polled hundreds of times a second: concurrent callers share one HGETALL,
+        # and its result (with the `_pushed` it matches) serves for `_READ_TTL_S`.
+        self._read: tuple[float, dict[str, float], dict[str, float]] | None = None
+        self._reading: asyncio.Future[tuple[dict[str, float], dict[str, float]] | None] | None = (
+            None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +133,7 @@ class RedisSink:
                 self._failed("push", exc)
                 return False
             self._pushed = snapshot
+            self._read = None  # the shared hash just changed
             self._succeeded()
             return True
 
@@ -132,21 +142,44 @@ class RedisSink:
         not-yet-pushed deltas; this process's `local_totals()` when Redis is away or disabled."""
         if self._client is None:
             return self._metrics.local_totals()
+        read = await self._shared_read()
+        local = self._metrics.local_totals()
+        if read is None:
+            return local
+        shared, pushed = read
+        # `shared` holds exactly `pushed` of this process's counts, so adding the rest is exact.
+        totals = dict(shared)
+        for field, value in local.items():
+            totals[field] = totals.get(field, 0.0) + value - pushed.get(field, 0.0)
+        return totals
+
+    async def _shared_read(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        now = time.monotonic()
+        if self._read is not None and now - self._read[0] < _READ_TTL_S:
+            return self._read[1], self._read[2]
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._hgetall())
+            self._reading.add_done_callback(self._read_done)
+        return await asyncio.shield(self._reading)
+
+    def _read_done(
+        self, future: asyncio.Future[tuple[dict[str, float], dict[str, float]] | None]
+    ) -> None:
+        self._reading = None
+
+    async def _hgetall(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        assert self._client is not None
         async with self._lock:
             try:
                 async with asyncio.timeout(self._op_timeout):
                     raw = await self._client.hgetall(self._key)
             except _REDIS_DOWN as exc:
                 self._failed("read", exc)
-                return self._metrics.local_totals()
+                return None
             self._succeeded()
-            local = self._metrics.local_totals()
-            totals = {_text(field): float(value) for field, value in raw.items()}
-            for field, delta in self._deltas(local).items():
-                totals[field] = totals.get(field, 0.0) + delta
-        for field in local:
-            totals.setdefault(field, 0.0)
-        return totals
+            shared = {_text(field): float(value) for field, value in raw.items()}
+            self._read = (time.monotonic(), shared, dict(self._pushed))
+            return shared, self._read[2]
 
     async def ping(self) -> bool:
         """Whether Redis answers now; updates `healthy`. False when disabled."""

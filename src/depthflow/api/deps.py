@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from depthflow.service import Service
 
 
-def _service(request: Request) -> Service:
+async def _service(request: Request) -> Service:
+    # async: a plain def would cost every request a hop through the thread pool.
     return cast(Service, request.app.state.service)
 
 

@@ -58,7 +58,8 @@ def _base_price(symbol: str) -> int:
     if known is not None:
         return known
     digest = zlib.crc32(symbol.encode())
-    return (1, 10, 100, 1000)[digest % 4] * (1 + (digest >> 8) % 9)
+    # At least 10 units: the seeded book reaches ~300 ticks (3.00) below the mid.
+    return (10, 100, 1000, 10_000)[digest % 4] * (1 + (digest >> 8) % 9)
 
 
 class Market:
