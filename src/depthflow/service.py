@@ -46,6 +46,7 @@ class Service:
         self.metrics = Metrics()
         self.process_stats: ProcessStats = self.metrics.process
         self.engine: AsyncEngine = make_engine(settings.database_url)
+        self._writer_engine = make_engine(settings.database_url, pool_size=1, pre_ping=False)
         self.redis: aioredis.Redis | None = (
             aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             if settings.redis_url
@@ -58,7 +59,7 @@ class Service:
             flush_interval=settings.metrics_flush_ms / 1000,
         )
         self.writer = BatchWriter(
-            self.engine,
+            self._writer_engine,
             self.metrics,
             batch_max_rows=settings.batch_max_rows,
             batch_max_delay_ms=settings.batch_max_delay_ms,
@@ -118,6 +119,7 @@ class Service:
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
+        await self._writer_engine.dispose()
         log.info("service_stopped", extra={"fields": self.metrics.local_totals()})
 
     def task_alive(self, name: str) -> bool:

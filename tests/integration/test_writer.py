@@ -309,9 +309,10 @@ async def test_batch_the_database_refuses_is_dropped_and_counted(harness: Harnes
 async def test_wait_capacity_blocks_while_healthy_and_behind_until_a_flush(
     harness: Harness,
 ) -> None:
-    writer = harness.writer(batch_max_rows=5, buffer_max_rows=1000)  # high water: 20 rows
-    for update_id in range(1, 11):
+    writer = harness.writer(batch_max_rows=5, buffer_max_rows=1000)  # high water: 40 rows
+    for update_id in range(1, 15):
         writer.add_event(*event("btcusdt", update_id))
+    assert writer.buffered == 42
     waiter = asyncio.create_task(writer.wait_capacity())
     for _ in range(5):
         await asyncio.sleep(0)

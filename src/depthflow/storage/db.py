@@ -37,12 +37,13 @@ def asyncpg_dsn(url: str) -> str:
     return _render(make_url(url).set(drivername="postgresql"))
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
-    """An asyncpg-backed engine whose pooled connections are checked before use."""
+def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> AsyncEngine:
+    """An asyncpg-backed engine; pooled connections are checked before use unless `pre_ping`
+    is off (the writer's: it invalidates a failed connection itself and saves the round trip)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         connect_args={"timeout": _CONNECT_TIMEOUT_S},
     )
 

@@ -60,6 +60,8 @@ _WRITE_ERRORS: Final = (
 )
 # PostgreSQL error classes about the rows themselves (22 data exception, 23 integrity violation):
 # retrying the same batch can never succeed, so after a few tries it is dropped and counted.
+# While the buffer holds two batches or more, one flush takes up to this many batches' worth.
+_CATCH_UP_FACTOR: Final = 4
 _POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 _POISON_ATTEMPTS: Final = 3
 _BACKOFF_MIN_S: Final = 0.1
@@ -109,7 +111,8 @@ class BatchWriter:
         self._batch_max_rows = max(1, batch_max_rows)
         self._max_delay_s = batch_max_delay_ms / 1000
         self._buffer_max_rows = buffer_max_rows
-        self._high_water = max(1, min(4 * self._batch_max_rows, buffer_max_rows // 2))
+        # Room for a flush in flight plus a full catch-up batch queued behind it.
+        self._high_water = max(1, min(_CATCH_UP_FACTOR * 2 * batch_max_rows, buffer_max_rows // 2))
         self._ticks: list[TickRow] = []
         self._orders: list[OrderRow] = []
         self._signals: list[SignalRow] = []
@@ -301,6 +304,10 @@ class BatchWriter:
         if not self._queued:
             return None
         n = self._batch_max_rows
+        if self._queued >= 2 * n:
+            # Behind: fewer, larger transactions catch up faster (each costs a marker insert and
+            # a commit round trip); bench/e2e.py gained ~30 % at a 20k-row batch size.
+            n *= _CATCH_UP_FACTOR
         ticks, self._ticks = _split(self._ticks, n)
         orders, self._orders = _split(self._orders, n)
         signals, self._signals = _split(self._signals, n)
