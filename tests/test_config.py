@@ -39,6 +39,11 @@ def test_symbols_are_split_lowercased_and_deduplicated(monkeypatch: pytest.Monke
     )
 
 
+def test_slow_interval_uses_the_plain_depth_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPTH_INTERVAL_MS", "1000")
+    assert load_settings().stream_names == ["btcusdt@depth"]
+
+
 def test_plain_postgres_url_gets_the_async_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@db:5432/x")
     assert load_settings().database_url == "postgresql+asyncpg://u@db:5432/x"

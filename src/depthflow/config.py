@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     symbols: Annotated[tuple[str, ...], NoDecode] = ("btcusdt",)
     binance_ws_url: str = "wss://stream.binance.com:9443"
     binance_rest_url: str = "https://api.binance.com"
-    depth_interval_ms: Literal[100, 1000] = 100
+    depth_interval_ms: int = 100
     snapshot_limit: int = Field(default=1000, ge=1, le=5000)
     sma_short: int = Field(default=5, ge=1)
     sma_long: int = Field(default=20, ge=2, le=10_000)
@@ -62,6 +62,14 @@ class Settings(BaseSettings):
             return tuple(dict.fromkeys(symbols))
         return value
 
+    @field_validator("depth_interval_ms")
+    @classmethod
+    def _binance_interval(cls, value: int) -> int:
+        # A Literal[100, 1000] would refuse the string "100" that the environment gives.
+        if value not in (100, 1000):
+            raise ValueError("must be 100 or 1000")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -86,7 +94,9 @@ class Settings(BaseSettings):
 
     @property
     def stream_names(self) -> list[str]:
-        return [f"{s}@depth@{self.depth_interval_ms}ms" for s in self.symbols]
+        # Binance documents `<symbol>@depth` (1000 ms) and `<symbol>@depth@100ms`.
+        suffix = "@depth@100ms" if self.depth_interval_ms == 100 else "@depth"
+        return [f"{s}{suffix}" for s in self.symbols]
 
     @property
     def stream_url(self) -> str:
