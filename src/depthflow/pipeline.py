@@ -49,6 +49,13 @@ class LossReason:
     CROSSED = "crossed"
 
 
+_LOSS_OF_OUTCOME = {
+    Outcome.STALE: LossReason.STALE,
+    Outcome.GAP: LossReason.GAP,
+    Outcome.OVERFLOW: LossReason.SYNC_BUFFER,
+}
+
+
 def wap(bid_px: float, bid_qty: float, ask_px: float, ask_qty: float) -> float:
     """Level-1 weighted average price, exactly as the product contract writes it."""
     return (bid_px * ask_qty + ask_px * bid_qty) / (bid_qty + ask_qty)
@@ -186,11 +193,7 @@ class Pipeline:
         if outcome is Outcome.BUFFERED:
             self._buffered_at[id(event)] = received_at
             return
-        reason = {
-            Outcome.STALE: LossReason.STALE,
-            Outcome.GAP: LossReason.GAP,
-            Outcome.OVERFLOW: LossReason.SYNC_BUFFER,
-        }[outcome]
+        reason = _LOSS_OF_OUTCOME[outcome]
         self._metrics.count_loss(reason)
         if outcome is not Outcome.STALE:
             log.warning(
