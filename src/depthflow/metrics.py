@@ -11,20 +11,15 @@ import logging
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
 import psutil
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+
+from depthflow.prometheus import Collector, Gauge, GaugeReader
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -56,8 +51,6 @@ _SMALL_BATCH = 8
 # psutil's cpu_percent(None) is meaningless over very short windows; reuse the last reading.
 _CPU_MIN_WINDOW_S = 0.5
 
-GaugeReader = Callable[[], float | Mapping[str, float]]
-
 
 class ProcessStats:
     """CPU and memory of this process, read without blocking."""
@@ -85,14 +78,6 @@ class ProcessStats:
         return int(self._process.memory_info().rss)
 
 
-@dataclass(frozen=True, slots=True)
-class _Gauge:
-    name: str
-    documentation: str
-    read: GaugeReader
-    label: str | None
-
-
 class Metrics:
     """Counters of one process. Cheap to update; read by the Redis flusher and the Prometheus
     collector. Not thread-safe: update it from the event loop only."""
@@ -112,9 +97,10 @@ class Metrics:
         self._ring: npt.NDArray[np.float64] = np.zeros(RING_SIZE, dtype=np.float64)
         self._ring_index = 0  # total samples ever written; position is index & mask
         self.process = process if process is not None else ProcessStats()
-        self._gauges: dict[str, _Gauge] = {}
+        self.latency_bounds = LATENCY_BUCKETS
+        self.gauges: dict[str, Gauge] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self.registry.register(Collector(self))
 
     def count_messages(self, n: int = 1) -> None:
         self.messages += n
@@ -184,9 +170,9 @@ class Metrics:
         """
         if not name.startswith("depthflow_"):
             raise ValueError(f"gauge name {name!r} must start with 'depthflow_'")
-        if name in self._gauges:
+        if name in self.gauges:
             raise ValueError(f"gauge {name!r} is already registered")
-        self._gauges[name] = _Gauge(name, documentation, read, label)
+        self.gauges[name] = Gauge(name, documentation, read, label)
 
     def render_prometheus(self) -> bytes:
         """The Prometheus text exposition of `registry`."""
@@ -213,79 +199,6 @@ class Metrics:
             for key, value in counter.items():
                 totals[prefix + key] = value
         return totals
-
-
-class _Collector:
-    """Builds the metric families from a `Metrics` at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        m = self._m
-        yield _counter("depthflow_messages", "Websocket frames received.", m.messages)
-        yield _counter("depthflow_ticks", "Ticks (WAP computed) produced.", m.ticks)
-        yield _labelled("depthflow_errors", "Errors by kind.", "kind", m.errors)
-        yield _labelled("depthflow_data_loss", "Data lost, by reason.", "reason", m.data_loss)
-        yield _labelled("depthflow_signals", "Trading signals by kind.", "signal", m.signals)
-        yield _labelled("depthflow_rows_written", "Rows written by table.", "table", m.rows_written)
-        yield self._latency()
-        yield GaugeMetricFamily(
-            "depthflow_cpu_usage_percent", "CPU use of this process.", m.process.cpu_percent()
-        )
-        yield GaugeMetricFamily(
-            "depthflow_memory_usage_percent",
-            "Resident memory of this process, percent of the machine.",
-            m.process.memory_percent(),
-        )
-        # A copy: a gauge registered during a scrape must not break the iteration.
-        for gauge in tuple(m._gauges.values()):
-            family = _read_gauge(gauge)
-            if family is not None:
-                yield family
-
-    def _latency(self) -> HistogramMetricFamily:
-        m = self._m
-        cumulative = np.cumsum(m.latency_buckets)
-        bounds = [*(repr(b) for b in LATENCY_BUCKETS), "+Inf"]
-        return HistogramMetricFamily(
-            "depthflow_latency_seconds",
-            "Frame receipt to rows handed to the writer.",
-            buckets=[(le, float(c)) for le, c in zip(bounds, cumulative, strict=True)],
-            sum_value=m.latency_sum,
-        )
-
-
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    # CounterMetricFamily appends `_total` itself; passing the bare name exposes `<name>_total`.
-    return CounterMetricFamily(name, documentation, value=value)
-
-
-def _labelled(
-    name: str, documentation: str, label: str, counts: Mapping[str, int]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=[label])
-    for key, value in sorted(counts.items()):
-        family.add_metric([key], value)
-    return family
-
-
-def _read_gauge(gauge: _Gauge) -> GaugeMetricFamily | None:
-    try:
-        value = gauge.read()
-    except Exception:
-        # A broken reader must not take the whole scrape down with it; the gauge is left out.
-        log.exception("gauge_read_failed", extra={"fields": {"gauge": gauge.name}})
-        return None
-    if not isinstance(value, Mapping):
-        return GaugeMetricFamily(gauge.name, gauge.documentation, value=float(value))
-    if gauge.label is None:
-        log.error("gauge_without_label", extra={"fields": {"gauge": gauge.name}})
-        return None
-    family = GaugeMetricFamily(gauge.name, gauge.documentation, labels=[gauge.label])
-    for key, item in sorted(value.items()):
-        family.add_metric([key], float(item))
-    return family
 
 
 class MetricsDocument(TypedDict):
