@@ -25,15 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from depthflow.simulate.market import Market
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.private_services import (
-    PrivatePostgres,
-    PrivateRedis,
-    private_postgres,
-    private_redis,
-)
+from tests.integration.private_services import PrivatePostgres, PrivateRedis
 from tests.integration.serve_process import ServeProcess
-
-__all__ = ["private_postgres", "private_redis"]  # fixtures, re-exported for pytest
 
 SYMBOLS = ("btcusdt", "ethusdt")
 SEED = 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ import msgspec
 from depthflow.recording import RecordedFrame, read_recording
 from depthflow.simulate.market import DepthUpdate
 
-__all__ = ["DEFAULT_STREAM_SUFFIX", "Frame", "Replay", "envelope", "load_replay", "malformed_frame"]
+__all__ = [
+    "DEFAULT_STREAM_SUFFIX",
+    "Frame",
+    "Replay",
+    "envelope",
+    "load_replay",
+    "malformed_frame",
+    "now_ms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +29,11 @@ logger = logging.getLogger(__name__)
 # so it is the one envelope encoded ahead of time.
 DEFAULT_STREAM_SUFFIX = "@depth@100ms"
 MALFORMED_KINDS = 3
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, the unit of Binance's event time ``E``."""
+    return time.time_ns() // 1_000_000
 
 
 def envelope(stream: str, data: str) -> str:

@@ -1,15 +1,19 @@
-"""Request parsing for the simulator: Binance's stream paths and ``GET /api/v3/depth`` (pure)."""
+"""Requests to the simulator: Binance's stream paths and ``GET /api/v3/depth``.
+
+Parsing is pure; `process_request` answers the plain HTTP ones, given a way to read the book.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
 
 __all__ = [
     "BadRequest",
@@ -19,11 +23,15 @@ __all__ = [
     "json_response",
     "parse_depth_query",
     "parse_subscription",
+    "process_request",
 ]
 
 _STREAM_NAME = re.compile(r"^([a-z0-9]+)@depth(?:@100ms|@1000ms)?$")
 _DEFAULT_LIMIT = 100  # Binance: "Default 100; Maximum 5000"
 _MAX_LIMIT = 5000
+
+# The JSON body of a ``symbol`` book snapshot with at most ``limit`` levels a side; None if unknown.
+SnapshotBody = Callable[[str, int], str | None]
 
 
 class BadRequest(ValueError):
@@ -91,3 +99,32 @@ def json_response(connection: ServerConnection, status: HTTPStatus, body: str) -
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json;charset=UTF-8"
     return response
+
+
+def process_request(
+    connection: ServerConnection, request: Request, symbols: set[str], snapshot_body: SnapshotBody
+) -> Response | None:
+    """websockets' ``process_request``: answer depth REST calls and bad paths; None lets a valid
+    stream path through to the websocket handshake."""
+    url = urlsplit(request.path)
+    if url.path == "/api/v3/depth":
+        status, body = _depth(url.query, symbols, snapshot_body)
+        return json_response(connection, status, body)
+    if url.path == "/stream" or url.path.startswith("/ws/"):
+        try:
+            parse_subscription(request.path, symbols)
+        except BadRequest as exc:
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
+        return None
+    return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+
+
+def _depth(query: str, symbols: set[str], snapshot_body: SnapshotBody) -> tuple[HTTPStatus, str]:
+    """``GET /api/v3/depth``: status and JSON body, errors shaped like Binance's."""
+    parsed = parse_depth_query(query, symbols)
+    if not isinstance(parsed, DepthQuery):
+        return parsed
+    body = snapshot_body(parsed.symbol, parsed.limit)
+    if body is None:
+        return binance_error(-1121, "Invalid symbol.")
+    return HTTPStatus.OK, body

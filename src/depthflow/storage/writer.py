@@ -1,14 +1,10 @@
 """Batched, idempotent PostgreSQL writer for ticks, order-book levels and signals.
 
-The hot path only appends tuples to in-memory lists; one task (`BatchWriter.run`) moves them to
-PostgreSQL with COPY. Rows leave memory only after their transaction committed, so a database
-outage costs nothing until the buffer bound is reached; beyond it rows are refused and counted as
-data loss (``overflow``), never dropped silently.
-
-Each batch carries a uuid recorded in ``ingest_batches`` inside the same transaction as its rows.
-A retry re-sends the same batch with the same uuid; the marker insert (``ON CONFLICT DO NOTHING``)
-tells whether an earlier attempt committed after all (ack lost with the connection), in which case
-the rows are not written again.
+The hot path only appends tuples to in-memory lists (`RowBuffer`); one task (`BatchWriter.run`)
+moves them to PostgreSQL with COPY (`write_batch`, idempotent across retries). Rows leave memory
+only after their transaction committed, so a database outage costs nothing until the buffer bound
+is reached; beyond it rows are refused and counted as data loss (``overflow``), never dropped
+silently.
 """
 
 from __future__ import annotations
@@ -17,77 +13,26 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final
 
-import asyncpg
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.metrics import Metrics
-from depthflow.records import (
-    ORDER_COLUMNS,
-    SIGNAL_COLUMNS,
-    TICK_COLUMNS,
-    OrderRow,
-    SignalRow,
-    TickRow,
-)
+from depthflow.records import OrderRow, SignalRow, TickRow
+from depthflow.storage.batches import ORDERS, SIGNALS, TICKS, WRITE_ERRORS, Batch, write_batch
+from depthflow.storage.buffer import RowBuffer
 
 __all__ = ["BatchWriter"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
-TICKS: Final = "price_ticks"
-ORDERS: Final = "orders"
-SIGNALS: Final = "trading_signals"
-
-# What a write attempt may raise when the database is away, slow or refuses a row.
-_WRITE_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    SQLAlchemyError,
-    # asyncpg's encoders raise these for a value that does not fit its column (e.g. bigint).
-    OverflowError,
-    ValueError,
-)
-# PostgreSQL error classes about the rows themselves (22 data exception, 23 integrity violation):
-# retrying the same batch can never succeed, so after a few tries it is dropped and counted.
 # While the buffer holds two batches or more, one flush takes up to this many batches' worth.
 _CATCH_UP_FACTOR: Final = 4
-_POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
-_POISON_ATTEMPTS: Final = 3
 _BACKOFF_MIN_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
 # Bounds one attempt so a stalled connection cannot block the writer (a 15k-row COPY takes ~0.1 s).
 _ATTEMPT_TIMEOUT_S: Final = 30.0
-
-_MARK_BATCH = (
-    "INSERT INTO ingest_batches (batch_id, rows) VALUES ($1, $2) "
-    "ON CONFLICT (batch_id) DO NOTHING RETURNING true"
-)
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Rows of one transaction; kept, with the same id, until it is known to be committed."""
-
-    batch_id: uuid.UUID
-    ticks: list[TickRow]
-    orders: list[OrderRow]
-    signals: list[SignalRow]
-    poison_failures: int = 0
-
-    @property
-    def rows(self) -> int:
-        return len(self.ticks) + len(self.orders) + len(self.signals)
 
 
 class BatchWriter:
@@ -113,13 +58,7 @@ class BatchWriter:
         self._buffer_max_rows = buffer_max_rows
         # Room for a flush in flight plus a full catch-up batch queued behind it.
         self._high_water = max(1, min(_CATCH_UP_FACTOR * 2 * batch_max_rows, buffer_max_rows // 2))
-        self._ticks: list[TickRow] = []
-        self._orders: list[OrderRow] = []
-        self._signals: list[SignalRow] = []
-        self._queued = 0  # rows in the three lists above
-        self._oldest = 0.0  # monotonic arrival time of the oldest queued row
-        self._pending: _Batch | None = None  # taken from the lists, not yet known committed
-        self._pending_rows = 0
+        self._buffer = RowBuffer()
         self._lock = asyncio.Lock()  # one write attempt at a time (run, flush, stop)
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
@@ -137,16 +76,14 @@ class BatchWriter:
         """Queue one depth event's rows, all or none; False (and counted) if the buffer is full."""
         if not self._admit(len(orders) + (tick is not None)):
             return False
-        if tick is not None:
-            self._ticks.append(tick)
-        self._orders.extend(orders)
+        self._buffer.add_event(tick, orders)
         return True
 
     def add_signal(self, row: SignalRow) -> bool:
         """Queue one signal row; False (and counted) if the buffer is full."""
         if not self._admit(1):
             return False
-        self._signals.append(row)
+        self._buffer.add_signal(row)
         return True
 
     def _admit(self, n: int) -> bool:
@@ -155,15 +92,11 @@ class BatchWriter:
         if self._stopped:
             self._metrics.count_loss("shutdown")
             return False
-        if self._queued + self._pending_rows + n > self._buffer_max_rows:
+        if self.buffered + n > self._buffer_max_rows:
             self._refuse()
             return False
-        if self._queued == 0:
-            self._oldest = time.monotonic()
-            self._wake.set()  # starts the delay timer of `run`
-        self._queued += n
-        if self._queued >= self._batch_max_rows:
-            self._wake.set()
+        if self._buffer.queued == 0 or self._buffer.queued + n >= self._batch_max_rows:
+            self._wake.set()  # starts the delay timer of `run`, or a batch is full
         return True
 
     def _refuse(self) -> None:
@@ -180,7 +113,7 @@ class BatchWriter:
     @property
     def buffered(self) -> int:
         """Rows held in memory, not yet known to be committed (all tables)."""
-        return self._queued + self._pending_rows
+        return self._buffer.held
 
     @property
     def healthy(self) -> bool:
@@ -258,13 +191,9 @@ class BatchWriter:
     async def _wait_until_due(self) -> bool:
         """Wait until a flush is due; False when stop was requested meanwhile."""
         while not self._stop_requested.is_set():
-            if self._pending is not None or self._queued >= self._batch_max_rows:
+            timeout = self._buffer.due_in(self._batch_max_rows, self._max_delay_s)
+            if timeout is not None and timeout <= 0:
                 return True
-            timeout: float | None = None
-            if self._queued:
-                timeout = self._oldest + self._max_delay_s - time.monotonic()
-                if timeout <= 0:
-                    return True
             # No await since the checks above, so no wake-up can be lost between them and clear().
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -287,57 +216,33 @@ class BatchWriter:
     async def _attempt(self) -> int | None:
         """Write the pending (or next) batch: rows that left the buffer, or None on failure."""
         async with self._lock:
-            batch = self._pending or self._take_batch()
+            batch = self._buffer.pending or self._take_batch()
             if batch is None:
                 return 0
             try:
                 async with asyncio.timeout(_ATTEMPT_TIMEOUT_S):
                     fresh = await self._write_batch(batch)
-            except _WRITE_ERRORS as exc:
+            except WRITE_ERRORS as exc:
                 done = self._on_failure(batch, exc)
             else:
                 done = self._on_success(batch, fresh)
         await self._notify_progress()
         return done
 
-    def _take_batch(self) -> _Batch | None:
-        if not self._queued:
-            return None
+    def _take_batch(self) -> Batch | None:
         n = self._batch_max_rows
-        if self._queued >= 2 * n:
+        if self._buffer.queued >= 2 * n:
             # Behind: fewer, larger transactions catch up faster (each costs a marker insert and
             # a commit round trip); bench/e2e.py gained ~30 % at a 20k-row batch size.
             n *= _CATCH_UP_FACTOR
-        ticks, self._ticks = _split(self._ticks, n)
-        orders, self._orders = _split(self._orders, n)
-        signals, self._signals = _split(self._signals, n)
-        batch = _Batch(uuid.uuid4(), ticks, orders, signals)
-        # Rows left queued keep `_oldest`: conservative, their flush can come early but never late.
-        self._queued -= batch.rows
-        self._pending = batch
-        self._pending_rows = batch.rows
-        return batch
+        return self._buffer.take(n)
 
-    async def _write_batch(self, batch: _Batch) -> bool:
-        """COPY the batch and its marker in one transaction; False if it was committed before."""
-        async with self._engine.connect() as conn:
-            try:
-                raw = await conn.get_raw_connection()
-                apg: Any = raw.driver_connection
-                async with apg.transaction():
-                    if await apg.fetchval(_MARK_BATCH, batch.batch_id, batch.rows) is None:
-                        return False
-                    await _copy(apg, TICKS, TICK_COLUMNS, batch.ticks)
-                    await _copy(apg, ORDERS, ORDER_COLUMNS, batch.orders)
-                    await _copy(apg, SIGNALS, SIGNAL_COLUMNS, batch.signals)
-                return True
-            except BaseException:
-                # The driver connection may be dead or mid-COPY: never hand it back to the pool.
-                await conn.invalidate()
-                raise
+    async def _write_batch(self, batch: Batch) -> bool:
+        """Write ``batch`` in one transaction; False if it was committed before."""
+        return await write_batch(self._engine, batch)
 
-    def _on_success(self, batch: _Batch, fresh: bool) -> int:
-        for table, rows in ((TICKS, batch.ticks), (ORDERS, batch.orders), (SIGNALS, batch.signals)):
+    def _on_success(self, batch: Batch, fresh: bool) -> int:
+        for table, rows in batch.tables():
             if rows:
                 self.rows_written[table] += len(rows)
                 self._metrics.count_rows_written(table, len(rows))
@@ -360,9 +265,9 @@ class BatchWriter:
         self._healthy = True
         self._failures = 0
         self._last_error = None
-        return self._release(batch)
+        return self._buffer.release()
 
-    def _on_failure(self, batch: _Batch, exc: BaseException) -> int | None:
+    def _on_failure(self, batch: Batch, exc: BaseException) -> int | None:
         self._healthy = False
         self._failures += 1
         self._last_error = exc
@@ -379,45 +284,15 @@ class BatchWriter:
                 }
             },
         )
-        if not _is_poison(exc):
-            return None
-        batch.poison_failures += 1
-        if batch.poison_failures < _POISON_ATTEMPTS:
+        if not batch.rejected_for_good(exc):
             return None
         self._metrics.count_loss("rejected", batch.rows)
         logger.error(
             "writer_batch_rejected",
             extra={"fields": {"batch_id": str(batch.batch_id), "rows": batch.rows}},
         )
-        return self._release(batch)
-
-    def _release(self, batch: _Batch) -> int:
-        self._pending = None
-        self._pending_rows = 0
-        return batch.rows
+        return self._buffer.release()
 
     async def _notify_progress(self) -> None:
         async with self._progress:
             self._progress.notify_all()
-
-
-def _split(rows: list[_T], n: int) -> tuple[list[_T], list[_T]]:
-    """The first ``n`` rows and the rest; the common case (all fit) hands over the list as is."""
-    if len(rows) <= n:
-        return rows, []
-    return rows[:n], rows[n:]
-
-
-async def _copy(apg: Any, table: str, columns: Sequence[str], rows: list[Any]) -> None:
-    # COPY, not executemany INSERT: bench/writer.py measured order rows at 206k vs 117k rows/s in
-    # 1k-row batches and 278k vs 150k in 10k-row batches (~1.8x; PostgreSQL 15 on loopback).
-    if rows:
-        await apg.copy_records_to_table(table, records=rows, columns=list(columns))
-
-
-def _is_poison(exc: BaseException) -> bool:
-    if isinstance(exc, asyncpg.PostgresError):
-        return str(exc.sqlstate)[:2] in _POISON_SQLSTATE_CLASSES
-    # asyncpg's client-side DataError (a value it cannot encode) is a ValueError; an integer
-    # beyond its column's range is an OverflowError.
-    return isinstance(exc, ValueError | OverflowError)

@@ -1,0 +1,114 @@
+"""One idempotent batch write: a marker insert and the COPY of three tables in one transaction.
+
+Each batch carries a uuid recorded in ``ingest_batches`` inside the same transaction as its rows.
+A retry re-sends the same batch with the same uuid; the marker insert (``ON CONFLICT DO NOTHING``)
+tells whether an earlier attempt committed after all (ack lost with the connection), in which case
+the rows are not written again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from depthflow.records import (
+    ORDER_COLUMNS,
+    SIGNAL_COLUMNS,
+    TICK_COLUMNS,
+    OrderRow,
+    SignalRow,
+    TickRow,
+)
+
+__all__ = ["ORDERS", "SIGNALS", "TICKS", "WRITE_ERRORS", "Batch", "write_batch"]
+
+TICKS: Final = "price_ticks"
+ORDERS: Final = "orders"
+SIGNALS: Final = "trading_signals"
+
+# What a write attempt may raise when the database is away, slow or refuses a row.
+WRITE_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    SQLAlchemyError,
+    # asyncpg's encoders raise these for a value that does not fit its column (e.g. bigint).
+    OverflowError,
+    ValueError,
+)
+# PostgreSQL error classes about the rows themselves (22 data exception, 23 integrity violation):
+# retrying the same batch can never succeed, so after a few tries it is dropped and counted.
+_POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
+_POISON_ATTEMPTS: Final = 3
+
+_MARK_BATCH = (
+    "INSERT INTO ingest_batches (batch_id, rows) VALUES ($1, $2) "
+    "ON CONFLICT (batch_id) DO NOTHING RETURNING true"
+)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows of one transaction; kept, with the same id, until it is known to be committed."""
+
+    batch_id: uuid.UUID
+    ticks: list[TickRow]
+    orders: list[OrderRow]
+    signals: list[SignalRow]
+    poison_failures: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.ticks) + len(self.orders) + len(self.signals)
+
+    def tables(self) -> tuple[tuple[str, list[Any]], ...]:
+        """Each table's name with this batch's rows for it."""
+        return ((TICKS, self.ticks), (ORDERS, self.orders), (SIGNALS, self.signals))
+
+    def rejected_for_good(self, exc: BaseException) -> bool:
+        """Count a failed attempt; True once the database refused these very rows often enough."""
+        if not _is_poison(exc):
+            return False
+        self.poison_failures += 1
+        return self.poison_failures >= _POISON_ATTEMPTS
+
+
+async def write_batch(engine: AsyncEngine, batch: Batch) -> bool:
+    """COPY the batch and its marker in one transaction; False if it was committed before."""
+    async with engine.connect() as conn:
+        try:
+            raw = await conn.get_raw_connection()
+            apg: Any = raw.driver_connection
+            async with apg.transaction():
+                if await apg.fetchval(_MARK_BATCH, batch.batch_id, batch.rows) is None:
+                    return False
+                await _copy(apg, TICKS, TICK_COLUMNS, batch.ticks)
+                await _copy(apg, ORDERS, ORDER_COLUMNS, batch.orders)
+                await _copy(apg, SIGNALS, SIGNAL_COLUMNS, batch.signals)
+            return True
+        except BaseException:
+            # The driver connection may be dead or mid-COPY: never hand it back to the pool.
+            await conn.invalidate()
+            raise
+
+
+async def _copy(apg: Any, table: str, columns: Sequence[str], rows: list[Any]) -> None:
+    # COPY, not executemany INSERT: bench/writer.py measured order rows at 206k vs 117k rows/s in
+    # 1k-row batches and 278k vs 150k in 10k-row batches (~1.8x; PostgreSQL 15 on loopback).
+    if rows:
+        await apg.copy_records_to_table(table, records=rows, columns=list(columns))
+
+
+def _is_poison(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate)[:2] in _POISON_SQLSTATE_CLASSES
+    # asyncpg's client-side DataError (a value it cannot encode) is a ValueError; an integer
+    # beyond its column's range is an OverflowError.
+    return isinstance(exc, ValueError | OverflowError)
