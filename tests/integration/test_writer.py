@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from depthflow.metrics import Metrics
 from depthflow.records import OrderRow, SignalRow, TickRow
 from depthflow.storage import db
+from depthflow.storage import writer as writer_module
+from depthflow.storage.batches import Batch
 from depthflow.storage.writer import BatchWriter
 from tests.tcp_proxy import TcpProxy
 
@@ -335,3 +337,32 @@ async def test_wait_capacity_returns_at_once_while_the_database_is_away(harness:
     await asyncio.wait_for(writer.wait_capacity(), 5.0)
 
     assert writer.buffered == 30
+
+
+async def test_an_unexpected_driver_error_does_not_kill_the_writer(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the first write attempt raises something no database error list names.
+    real = writer_module.write_batch
+    calls = 0
+
+    async def flaky(engine: AsyncEngine, batch: Batch) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("driver in an impossible state")
+        return await real(engine, batch)
+
+    monkeypatch.setattr(writer_module, "write_batch", flaky)
+    writer = harness.writer(batch_max_rows=5)
+    task = harness.run(writer)
+    for update_id in range(1, 3):  # 6 rows: one full batch
+        writer.add_event(*event("btcusdt", update_id))
+
+    await eventually(lambda: writer.buffered == 0)
+
+    assert not task.done()
+    assert calls == 2
+    assert harness.metrics.errors["database"] == 1
+    assert await count(harness.url, "price_ticks") == 2
+    assert writer.healthy

@@ -38,6 +38,9 @@ WRITE_ERRORS: Final = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # A connection left mid-protocol by a failed operation ("cannot switch to state 15; another
+    # operation (2) is in progress", asyncpg#784, sqlalchemy#13241): seen once here at start-up.
+    asyncpg.InternalClientError,
     SQLAlchemyError,
     # asyncpg's encoders raise these for a value that does not fit its column (e.g. bigint).
     OverflowError,

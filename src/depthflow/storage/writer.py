@@ -224,6 +224,11 @@ class BatchWriter:
                     fresh = await self._write_batch(batch)
             except WRITE_ERRORS as exc:
                 done = self._on_failure(batch, exc)
+            except Exception as exc:
+                # Not a known database failure; but the writer is the one task that must outlive
+                # whatever a driver throws: keep the rows, log the traceback, retry with backoff.
+                logger.exception("writer_unexpected_error")
+                done = self._on_failure(batch, exc)
             else:
                 done = self._on_success(batch, fresh)
         await self._notify_progress()
