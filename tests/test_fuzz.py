@@ -14,8 +14,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterator
 from functools import cache
 from typing import Any, TypeVar
 
@@ -27,9 +26,9 @@ from depthflow.book import BookSync, SyncState
 from depthflow.events import DepthEvent, Snapshot, decode_frame, decode_snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
-from depthflow.records import OrderRow, TickRow
 from depthflow.simulate.frames import Frame
 from depthflow.simulate.market import Market
+from tests.sinks import Rows, Waps
 
 T = TypeVar("T")
 SYMBOLS = ("btcusdt", "ethusdt")
@@ -52,30 +51,6 @@ def _quiet_pipeline_logs() -> Iterator[None]:
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class Rows:
-    """The writer, reduced to what the pipeline hands it."""
-
-    def __init__(self) -> None:
-        self.ticks: list[TickRow] = []
-        self.orders: list[OrderRow] = []
-
-    def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool:
-        if tick is not None:
-            self.ticks.append(tick)
-        self.orders.extend(orders)
-        return True
-
-
-class Waps:
-    """The analytics step, reduced to a count."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def add_tick(self, symbol: str, wap: float, event_time: datetime, last_update_id: int) -> None:
-        self.count += 1
-
-
 class Harness:
     def __init__(self) -> None:
         self.rows, self.waps, self.metrics = Rows(), Waps(), Metrics()
@@ -89,7 +64,7 @@ class Harness:
         m = self.metrics
         buffered = sum(sync.buffered for sync in self.pipeline.syncs.values())
         assert m.messages == m.ticks + sum(m.data_loss.values()) + buffered
-        assert m.ticks == len(self.rows.ticks) == self.waps.count
+        assert m.ticks == len(self.rows.ticks) == len(self.waps.ticks)
         self.pipeline.reset_all(reason="shutdown")
         assert m.messages == m.ticks + sum(m.data_loss.values())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,29 +11,7 @@ import pytest
 from depthflow.events import Snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline, wap
-from depthflow.records import OrderRow, TickRow
-
-
-class Rows:
-    """Collects what the pipeline hands to the writer."""
-
-    def __init__(self) -> None:
-        self.ticks: list[TickRow] = []
-        self.orders: list[OrderRow] = []
-
-    def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool:
-        if tick is not None:
-            self.ticks.append(tick)
-        self.orders.extend(orders)
-        return True
-
-
-class Waps:
-    def __init__(self) -> None:
-        self.ticks: list[tuple[str, float, datetime, int]] = []
-
-    def add_tick(self, symbol: str, wap: float, event_time: datetime, last_update_id: int) -> None:
-        self.ticks.append((symbol, wap, event_time, last_update_id))
+from tests.sinks import Rows, Waps
 
 
 def frame(

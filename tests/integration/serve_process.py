@@ -8,10 +8,32 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+
+def exchange_env(
+    sim_port: int,
+    symbols: Sequence[str],
+    *,
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    **extra: str,
+) -> dict[str, str]:
+    """What a user sets to run depthflow against a simulator listening on `sim_port`."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": redis_prefix,
+        "SYMBOLS": ",".join(symbols),
+        "BINANCE_WS_URL": f"ws://127.0.0.1:{sim_port}",
+        "BINANCE_REST_URL": f"http://127.0.0.1:{sim_port}",
+        **extra,
+    }
 
 
 def free_port() -> int:

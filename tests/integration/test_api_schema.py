@@ -18,7 +18,7 @@ import pytest
 
 from depthflow.simulate.server import Simulator
 from tests.conftest import CI
-from tests.integration.serve_process import ServeProcess
+from tests.integration.serve_process import ServeProcess, exchange_env
 
 SYMBOLS = ("btcusdt", "ethusdt")
 MAX_EXAMPLES = 30
@@ -47,17 +47,16 @@ async def live_service(
     sim = Simulator(SYMBOLS, seed=9, rate=50)
     await sim.start()
     serve = ServeProcess(
-        env={
-            "DATABASE_URL": clean_db,
-            "REDIS_URL": redis_url,
-            "REDIS_PREFIX": redis_prefix,
-            "SYMBOLS": ",".join(SYMBOLS),
-            "BINANCE_WS_URL": f"ws://127.0.0.1:{sim.port}",
-            "BINANCE_REST_URL": f"http://127.0.0.1:{sim.port}",
-            "SMA_SHORT": "2",
-            "SMA_LONG": "4",
-            "BATCH_MAX_DELAY_MS": "50",
-        },
+        env=exchange_env(
+            sim.port,
+            SYMBOLS,
+            database_url=clean_db,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            SMA_SHORT="2",
+            SMA_LONG="4",
+            BATCH_MAX_DELAY_MS="50",
+        ),
         log_path=tmp_path / "serve.log",
     )
     try:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess
+from tests.integration.serve_process import ServeProcess, exchange_env
 from tests.reference import spec_signals
 
 SYMBOLS = ("btcusdt", "ethusdt")
@@ -63,18 +63,17 @@ async def test_simulated_exchange_end_to_end(
 ) -> None:
     port = simulator.port
     serve = ServeProcess(
-        env={
-            "DATABASE_URL": clean_db,
-            "REDIS_URL": redis_url,
-            "REDIS_PREFIX": redis_prefix,
-            "SYMBOLS": ",".join(SYMBOLS),
-            "BINANCE_WS_URL": f"ws://127.0.0.1:{port}",
-            "BINANCE_REST_URL": f"http://127.0.0.1:{port}",
-            "SMA_SHORT": str(SMA_SHORT),
-            "SMA_LONG": str(SMA_LONG),
-            "BATCH_MAX_DELAY_MS": "50",
-            "METRICS_FLUSH_MS": "100",
-        },
+        env=exchange_env(
+            port,
+            SYMBOLS,
+            database_url=clean_db,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            SMA_SHORT=str(SMA_SHORT),
+            SMA_LONG=str(SMA_LONG),
+            BATCH_MAX_DELAY_MS="50",
+            METRICS_FLUSH_MS="100",
+        ),
         log_path=tmp_path / "serve.log",
     )
     await serve.start()

@@ -26,7 +26,7 @@ from depthflow.simulate.market import Market
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.private_services import PrivatePostgres, PrivateRedis
-from tests.integration.serve_process import ServeProcess
+from tests.integration.serve_process import ServeProcess, exchange_env
 
 SYMBOLS = ("btcusdt", "ethusdt")
 SEED = 5
@@ -42,20 +42,21 @@ ROW_LOSS = ("data_loss:overflow", "data_loss:rejected", "data_loss:shutdown")
 def serve_env(
     sim: Simulator, database_url: str, redis_url: str, prefix: str, **extra: str
 ) -> dict[str, str]:
-    port = sim.port
-    return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "SYMBOLS": ",".join(SYMBOLS),
-        "BINANCE_WS_URL": f"ws://127.0.0.1:{port}",
-        "BINANCE_REST_URL": f"http://127.0.0.1:{port}",
-        "SMA_SHORT": str(SMA_SHORT),
-        "SMA_LONG": str(SMA_LONG),
-        "BATCH_MAX_DELAY_MS": "50",
-        "METRICS_FLUSH_MS": "100",
-        **extra,
-    }
+    assert sim.port is not None
+    return exchange_env(
+        sim.port,
+        SYMBOLS,
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        **{
+            "SMA_SHORT": str(SMA_SHORT),
+            "SMA_LONG": str(SMA_LONG),
+            "BATCH_MAX_DELAY_MS": "50",
+            "METRICS_FLUSH_MS": "100",
+            **extra,
+        },
+    )
 
 
 @pytest.fixture
