@@ -58,18 +58,22 @@ from _common import (
     symbol_names,
     write_result,
 )
+from depthflow.config import Settings
 from depthflow.events import DepthEvent, decode_frame
 from depthflow.pipeline import wap
 from depthflow.records import ORDER_COLUMNS, TICK_COLUMNS, OrderRow, TickRow
 from depthflow.storage.db import asyncpg_dsn
+from depthflow.storage.writer import CATCH_UP_FACTOR
 
 # The feed's own websocket settings (depthflow.feed), so floor (a) reads exactly as it does.
 WS_MAX_SIZE = 2**22
 WS_MAX_QUEUE = 1024
 YIELD_EVERY = 32  # the feed hands the loop over this often; so do the floors
-COPY_BATCH_ROWS = 5000  # BATCH_MAX_ROWS' default
-CATCH_UP_BATCHES = 4  # as depthflow's writer: up to 4 batches per transaction while behind
-COPY_QUEUE_BATCHES = 8  # the writer's backpressure high water is 8 batches too
+COPY_BATCH_ROWS: int = Settings.model_fields["batch_max_rows"].default
+# The writer's own policy: up to this many batches per transaction while behind, and a
+# backpressure high water of twice that.
+CATCH_UP_BATCHES = CATCH_UP_FACTOR
+COPY_QUEUE_BATCHES = 2 * CATCH_UP_FACTOR
 POLL_S = 0.05
 STALL_S = 30.0  # no progress for this long: the run failed
 LOAD_PATHS = ("/metrics", "/prometheus")

@@ -97,10 +97,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import make_url
+
     from depthflow.storage import db
 
     asyncio.run(db.migrate(settings.database_url))
-    log.info("migrated", extra={"fields": {"database": _redacted(settings.database_url)}})
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
+    log.info("migrated", extra={"fields": {"database": database}})
     return 0
 
 
@@ -198,8 +201,3 @@ async def _replay_async(settings: Settings, path: Path) -> None:
     }
     log.info("replayed", extra={"fields": summary})
     print(json.dumps(summary))
-
-
-def _redacted(url: str) -> str:
-    head, _, tail = url.rpartition("@")
-    return f"{head.split('://')[0]}://***@{tail}" if head else url

@@ -127,7 +127,7 @@ class Pipeline:
             )
         return sync.needs_snapshot
 
-    def reset_all(self, reason: str = "reconnect") -> None:
+    def reset_all(self, reason: str = LossReason.RECONNECT) -> None:
         """Discard every book (after a reconnect, at shutdown); buffered events count as lost."""
         for sync in self.syncs.values():
             discarded = sync.reset()

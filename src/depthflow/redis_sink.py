@@ -122,13 +122,11 @@ class RedisSink:
         async with self._lock:
             snapshot = self._metrics.local_totals()
             deltas = self._deltas(snapshot)
+            if not deltas:
+                # Nothing to add: still check Redis so `healthy` stays current.
+                return await self.ping()
             try:
-                if deltas:
-                    await self._send(self._client, deltas)
-                else:
-                    # Nothing to add: still check Redis so `healthy` stays current.
-                    async with asyncio.timeout(self._op_timeout):
-                        await self._client.ping()
+                await self._send(self._client, deltas)
             except _REDIS_DOWN as exc:
                 self._failed("push", exc)
                 return False

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -24,7 +23,7 @@ from depthflow.book import SyncState
 from depthflow.config import Settings
 from depthflow.feed import Feed, FeedState, Tap
 from depthflow.metrics import Metrics, ProcessStats
-from depthflow.pipeline import Pipeline
+from depthflow.pipeline import LossReason, Pipeline
 from depthflow.redis_sink import RedisSink
 from depthflow.signals import Analytics
 from depthflow.storage.db import make_engine
@@ -85,7 +84,6 @@ class Service:
             if with_feed
             else None
         )
-        self.started_at = datetime.now(UTC)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._register_gauges()
 
@@ -108,7 +106,7 @@ class Service:
         """Stop in data-flow order so every computed row is flushed before the connections close."""
         await self._cancel("feed")
         # Events still buffered for a snapshot will never become ticks: count them.
-        self.pipeline.reset_all(reason="shutdown")
+        self.pipeline.reset_all(reason=LossReason.SHUTDOWN)
         await self.analytics.stop()
         await self._join("analytics")
         await self.writer.stop()

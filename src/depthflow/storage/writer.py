@@ -23,12 +23,12 @@ from depthflow.records import OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import ORDERS, SIGNALS, TICKS, WRITE_ERRORS, Batch, write_batch
 from depthflow.storage.buffer import RowBuffer
 
-__all__ = ["BatchWriter"]
+__all__ = ["CATCH_UP_FACTOR", "BatchWriter"]
 
 logger = logging.getLogger(__name__)
 
 # While the buffer holds two batches or more, one flush takes up to this many batches' worth.
-_CATCH_UP_FACTOR: Final = 4
+CATCH_UP_FACTOR: Final = 4
 _BACKOFF_MIN_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
 # Bounds one attempt so a stalled connection cannot block the writer (a 15k-row COPY takes ~0.1 s).
@@ -57,7 +57,7 @@ class BatchWriter:
         self._max_delay_s = batch_max_delay_ms / 1000
         self._buffer_max_rows = buffer_max_rows
         # Room for a flush in flight plus a full catch-up batch queued behind it.
-        self._high_water = max(1, min(_CATCH_UP_FACTOR * 2 * batch_max_rows, buffer_max_rows // 2))
+        self._high_water = max(1, min(CATCH_UP_FACTOR * 2 * batch_max_rows, buffer_max_rows // 2))
         self._buffer = RowBuffer()
         self._lock = asyncio.Lock()  # one write attempt at a time (run, flush, stop)
         self._wake = asyncio.Event()
@@ -239,7 +239,7 @@ class BatchWriter:
         if self._buffer.queued >= 2 * n:
             # Behind: fewer, larger transactions catch up faster (each costs a marker insert and
             # a commit round trip); bench/e2e.py gained ~30 % at a 20k-row batch size.
-            n *= _CATCH_UP_FACTOR
+            n *= CATCH_UP_FACTOR
         return self._buffer.take(n)
 
     async def _write_batch(self, batch: Batch) -> bool:
