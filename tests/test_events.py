@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from depthflow.events import DecodeError, DecodeErrorKind, decode_frame, decode_snapshot
+from depthflow.accounting import LossReason
+from depthflow.events import DecodeError, decode_frame, decode_snapshot
 
 # The example event of Binance's "Diff. Depth Stream" documentation, in a combined-stream envelope.
 DOC_EVENT: dict[str, Any] = {
@@ -69,7 +70,7 @@ def test_documented_snapshot_decodes() -> None:
 def test_malformed_frames_are_rejected_as_malformed(raw: str) -> None:
     with pytest.raises(DecodeError) as info:
         decode_frame(raw)
-    assert info.value.kind is DecodeErrorKind.MALFORMED
+    assert info.value.kind is LossReason.MALFORMED
 
 
 @pytest.mark.parametrize(
@@ -83,4 +84,4 @@ def test_malformed_frames_are_rejected_as_malformed(raw: str) -> None:
 def test_foreign_events_are_unknown_not_malformed(raw: str) -> None:
     with pytest.raises(DecodeError) as info:
         decode_frame(raw)
-    assert info.value.kind is DecodeErrorKind.UNKNOWN_EVENT
+    assert info.value.kind is LossReason.UNKNOWN_EVENT

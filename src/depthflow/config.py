@@ -6,12 +6,13 @@ reads the environment.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "load_settings", "mask_url"]
 
 
 class SettingsError(ValueError):
@@ -46,6 +47,28 @@ class Settings(BaseSettings):
     # Binance closes every connection after 24 h; we rotate a little before that on our own.
     ws_max_age_s: float = Field(default=23.5 * 3600, gt=0)
     metrics_flush_ms: int = Field(default=1000, ge=10)
+    # A live book that sees only stale events this long while frames keep arriving is resynced:
+    # its update id ran ahead of the exchange's (a hostile or corrupt event), so it would
+    # otherwise ignore everything until the next reconnect.
+    stale_resync_s: float = Field(default=5.0, gt=0)
+    # A connected feed that receives nothing this long is stalled: /live says so and the
+    # connection is replaced (Binance sends every 100 ms for any active symbol).
+    feed_stall_s: float = Field(default=30.0, gt=0)
+    # Total deadline of one snapshot request (connect + headers + body), so a server that
+    # trickles its answer cannot hold a resync.
+    snapshot_timeout_s: float = Field(default=10.0, gt=0)
+    # A supervised task that dies this many times within the window makes the process exit
+    # non-zero, for the orchestrator to restart it.
+    task_restart_limit: int = Field(default=5, ge=1)
+    task_restart_window_s: float = Field(default=300.0, gt=0)
+    # HTTP server limits (uvicorn): concurrent connections and tasks beyond the limit get a 503,
+    # idle keep-alive connections are closed, a request's head must arrive in time and fit.
+    http_limit_concurrency: int = Field(default=512, ge=1)
+    http_timeout_keep_alive_s: float = Field(default=5.0, gt=0)
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_max_header_bytes: int = Field(default=16_384, ge=1024)
+    # Every API query runs under this statement timeout (503 when it fires).
+    api_statement_timeout_ms: int = Field(default=5000, ge=1)
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -118,6 +141,17 @@ def _describe(exc: ValidationError) -> str:
     message = str(first["msg"]).removeprefix("Value error, ")
     if loc:
         got = first.get("input")
+        if isinstance(got, str):
+            got = mask_url(got)
         return f"invalid setting {loc[0].upper()}={got!r}: {message}"
     # Model-level checks name their variables in the message itself.
     return f"invalid settings: {message}"
+
+
+# scheme://user:password@host -> the password, whatever the scheme (mysql, redis, postgres, ...).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)@")
+
+
+def mask_url(value: str) -> str:
+    """`value` with the password of any URL in it replaced by ``***`` (for logs and errors)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", value)

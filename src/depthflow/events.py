@@ -6,14 +6,14 @@ the same pass (``strict=False``), so each price is parsed exactly once.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated
 
 import msgspec
 
+from depthflow.accounting import LossReason
+
 __all__ = [
     "DecodeError",
-    "DecodeErrorKind",
     "DepthEvent",
     "Frame",
     "Level",
@@ -60,15 +60,10 @@ class Snapshot(msgspec.Struct, frozen=True):
     asks: list[Level]
 
 
-class DecodeErrorKind(StrEnum):
-    MALFORMED = "malformed"
-    UNKNOWN_EVENT = "unknown_event"
-
-
 class DecodeError(ValueError):
     """A frame that is not a usable depth event; ``kind`` says whether it was garbage or foreign."""
 
-    def __init__(self, kind: DecodeErrorKind, detail: str) -> None:
+    def __init__(self, kind: LossReason, detail: str) -> None:
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
@@ -84,12 +79,15 @@ def decode_frame(raw: str | bytes) -> DepthEvent:
         frame = _frame_decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _classify(raw, exc) from None
+    except RecursionError:
+        # msgspec recurses once per nesting level: a 2 KB frame of 1,000 brackets gets here.
+        raise DecodeError(LossReason.MALFORMED, "nested too deeply") from None
     event = frame.data
     if event.event_type != "depthUpdate":
-        raise DecodeError(DecodeErrorKind.UNKNOWN_EVENT, f"event type {event.event_type!r}")
+        raise DecodeError(LossReason.UNKNOWN_EVENT, f"event type {event.event_type!r}")
     if event.first_update_id > event.last_update_id:
         raise DecodeError(
-            DecodeErrorKind.MALFORMED,
+            LossReason.MALFORMED,
             f"U={event.first_update_id} > u={event.last_update_id}",
         )
     return event
@@ -105,11 +103,13 @@ def _classify(raw: str | bytes, exc: Exception) -> DecodeError:
     try:
         loose = msgspec.json.decode(raw)
     except msgspec.DecodeError:
-        return DecodeError(DecodeErrorKind.MALFORMED, f"not JSON: {exc}")
+        return DecodeError(LossReason.MALFORMED, f"not JSON: {exc}")
+    except RecursionError:
+        return DecodeError(LossReason.MALFORMED, "nested too deeply")
     if isinstance(loose, dict):
         data = loose.get("data", loose)
         if isinstance(data, dict) and data.get("e") not in (None, "depthUpdate"):
-            return DecodeError(DecodeErrorKind.UNKNOWN_EVENT, f"event type {data.get('e')!r}")
+            return DecodeError(LossReason.UNKNOWN_EVENT, f"event type {data.get('e')!r}")
         if "result" in loose and "id" in loose:
-            return DecodeError(DecodeErrorKind.UNKNOWN_EVENT, "control response")
-    return DecodeError(DecodeErrorKind.MALFORMED, str(exc))
+            return DecodeError(LossReason.UNKNOWN_EVENT, "control response")
+    return DecodeError(LossReason.MALFORMED, str(exc))

@@ -89,6 +89,8 @@ class Metrics:
         self.data_loss: Counter[str] = Counter()
         self.signals: Counter[str] = Counter()
         self.rows_written: Counter[str] = Counter()
+        self.resyncs: Counter[str] = Counter()
+        self.task_restarts: Counter[str] = Counter()
         self.latency_sum = 0.0
         self.latency_count = 0
         # Non-cumulative counts per bucket, the last slot +Inf. A list, not numpy: a Python int
@@ -119,6 +121,12 @@ class Metrics:
 
     def count_rows_written(self, table: str, n: int) -> None:
         self.rows_written[table] += n
+
+    def count_resync(self, reason: str) -> None:
+        self.resyncs[reason] += 1
+
+    def count_task_restart(self, task: str) -> None:
+        self.task_restarts[task] += 1
 
     def observe_latency(self, seconds: float) -> None:
         """Record one latency sample (frame receipt to rows handed to the writer)."""
@@ -189,12 +197,16 @@ class Metrics:
             "latency_count": self.latency_count,
             "signal_count": sum(self.signals.values()),
             "rows_written_count": sum(self.rows_written.values()),
+            "resync_count": sum(self.resyncs.values()),
+            "task_restart_count": sum(self.task_restarts.values()),
         }
         for prefix, counter in (
             ("error:", self.errors),
             ("data_loss:", self.data_loss),
             ("signal:", self.signals),
             ("rows_written:", self.rows_written),
+            ("resync:", self.resyncs),
+            ("task_restart:", self.task_restarts),
         ):
             for key, value in counter.items():
                 totals[prefix + key] = value
@@ -219,6 +231,9 @@ class MetricsDocument(TypedDict):
     errors: dict[str, int]
     data_loss: dict[str, int]
     signals: dict[str, int]
+    resync_count: int
+    resyncs: dict[str, int]
+    task_restarts: dict[str, int]
 
 
 def metrics_document(
@@ -241,6 +256,9 @@ def metrics_document(
         "errors": _breakdown(totals, "error:"),
         "data_loss": _breakdown(totals, "data_loss:"),
         "signals": _breakdown(totals, "signal:"),
+        "resync_count": int(totals.get("resync_count", 0)),
+        "resyncs": _breakdown(totals, "resync:"),
+        "task_restarts": _breakdown(totals, "task_restart:"),
     }
 
 

@@ -14,12 +14,13 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
+from depthflow.accounting import LossReason
 from depthflow.book import BookSync, Outcome
 from depthflow.events import DecodeError, DepthEvent, Snapshot, decode_frame
 from depthflow.metrics import Metrics
 from depthflow.records import OrderRow, TickRow
 
-__all__ = ["LossReason", "Pipeline", "RowSink", "TickSink", "wap"]
+__all__ = ["Pipeline", "RowSink", "TickSink", "wap"]
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,6 @@ class TickSink(Protocol):
     def add_tick(
         self, symbol: str, wap: float, event_time: datetime, last_update_id: int
     ) -> None: ...
-
-
-class LossReason:
-    """Why a received event did not become a tick (the ``reason`` label of data loss)."""
-
-    MALFORMED = "malformed"
-    UNKNOWN_EVENT = "unknown_event"
-    UNKNOWN_SYMBOL = "unknown_symbol"
-    STALE = "stale"
-    GAP = "gap"
-    SYNC_BUFFER = "sync_buffer"
-    RECONNECT = "reconnect"
-    SHUTDOWN = "shutdown"
-    EMPTY_SIDE = "empty_side"
-    CROSSED = "crossed"
 
 
 _LOSS_OF_OUTCOME = {
@@ -97,7 +83,7 @@ class Pipeline:
         try:
             event = decode_frame(raw)
         except DecodeError as exc:
-            self._reject(exc.kind.value, exc.detail, raw)
+            self._reject(exc.kind, exc.detail, raw)
             return None
         sync = self.syncs.get(event.symbol)
         if sync is None:

@@ -52,6 +52,15 @@ class Collector:
         yield _labelled("depthflow_data_loss", "Data lost, by reason.", "reason", m.data_loss)
         yield _labelled("depthflow_signals", "Trading signals by kind.", "signal", m.signals)
         yield _labelled("depthflow_rows_written", "Rows written by table.", "table", m.rows_written)
+        yield _labelled(
+            "depthflow_resyncs", "Books discarded and resynced, by reason.", "reason", m.resyncs
+        )
+        yield _labelled(
+            "depthflow_task_restarts",
+            "Supervised tasks restarted after ending unexpectedly.",
+            "task",
+            m.task_restarts,
+        )
         yield self._latency()
         yield GaugeMetricFamily(
             "depthflow_cpu_usage_percent", "CPU use of this process.", m.process.cpu_percent()

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from depthflow.accounting import ErrorKind
 from depthflow.metrics import Metrics
 
 __all__ = ["COUNTERS_KEY", "RedisSink", "create_client"]
@@ -212,7 +213,7 @@ class RedisSink:
                 await pipe.execute()
 
     def _failed(self, operation: str, exc: BaseException) -> None:
-        self._metrics.count_error("redis")
+        self._metrics.count_error(ErrorKind.REDIS)
         if self._healthy is not False:
             # One line when Redis goes away, not one per attempt.
             log.warning(

@@ -19,11 +19,12 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from depthflow.accounting import LossReason
 from depthflow.book import SyncState
 from depthflow.config import Settings
 from depthflow.feed import Feed, FeedState, Tap
 from depthflow.metrics import Metrics, ProcessStats
-from depthflow.pipeline import LossReason, Pipeline
+from depthflow.pipeline import Pipeline
 from depthflow.redis_sink import RedisSink
 from depthflow.signals import Analytics
 from depthflow.storage.db import make_engine

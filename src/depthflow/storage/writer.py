@@ -18,6 +18,7 @@ from typing import Final
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from depthflow.accounting import ErrorKind, LossReason
 from depthflow.metrics import Metrics
 from depthflow.records import OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import ORDERS, SIGNALS, TICKS, WRITE_ERRORS, Batch, write_batch
@@ -90,7 +91,7 @@ class BatchWriter:
         if n == 0:
             return True
         if self._stopped:
-            self._metrics.count_loss("shutdown")
+            self._metrics.count_loss(LossReason.SHUTDOWN)
             return False
         if self.buffered + n > self._buffer_max_rows:
             self._refuse()
@@ -100,7 +101,7 @@ class BatchWriter:
         return True
 
     def _refuse(self) -> None:
-        self._metrics.count_loss("overflow")
+        self._metrics.count_loss(LossReason.OVERFLOW)
         if self._overflow_dropped == 0:
             logger.warning(
                 "writer_buffer_full",
@@ -165,7 +166,7 @@ class BatchWriter:
         self._stopped = True
         lost = self.buffered
         if lost:
-            self._metrics.count_loss("shutdown", lost)
+            self._metrics.count_loss(LossReason.SHUTDOWN, lost)
             logger.error(
                 "writer_rows_lost_at_shutdown",
                 extra={"fields": {"rows": lost, "error": repr(self._last_error)}},
@@ -276,7 +277,7 @@ class BatchWriter:
         self._healthy = False
         self._failures += 1
         self._last_error = exc
-        self._metrics.count_error("database")
+        self._metrics.count_error(ErrorKind.DATABASE)
         logger.error(
             "database_write_failed",
             extra={
@@ -291,7 +292,7 @@ class BatchWriter:
         )
         if not batch.rejected_for_good(exc):
             return None
-        self._metrics.count_loss("rejected", batch.rows)
+        self._metrics.count_loss(LossReason.REJECTED, batch.rows)
         logger.error(
             "writer_batch_rejected",
             extra={"fields": {"batch_id": str(batch.batch_id), "rows": batch.rows}},
