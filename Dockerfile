@@ -28,7 +28,7 @@ USER depthflow
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/live', timeout=2)"]
 
 # compose runs `depthflow migrate` as its own one-shot service before this starts.
 CMD ["depthflow", "serve", "--host", "0.0.0.0", "--port", "8000"]

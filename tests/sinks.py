@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from depthflow.records import OrderRow, TickRow
+from depthflow.records import GapRow, OrderRow, TickRow
 
 
 class Rows:
@@ -14,11 +14,16 @@ class Rows:
     def __init__(self) -> None:
         self.ticks: list[TickRow] = []
         self.orders: list[OrderRow] = []
+        self.gaps: list[GapRow] = []
 
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool:
         if tick is not None:
             self.ticks.append(tick)
         self.orders.extend(orders)
+        return True
+
+    def add_gap(self, row: GapRow) -> bool:
+        self.gaps.append(row)
         return True
 
 

@@ -395,10 +395,12 @@ def test_live_stale_event_is_ignored() -> None:
     assert sync.book.best_bid() == (10.0, 1.0)
 
 
-def test_live_event_ending_at_local_id_applies() -> None:
+def test_live_event_ending_at_local_id_is_stale() -> None:
+    # The contract: u <= local id holds nothing new; applying it again would duplicate a tick.
     sync = live_sync()
-    assert sync.on_event(ev(99, 100, bids=[(10.0, 1.0)])) is Outcome.APPLIED
+    assert sync.on_event(ev(99, 100, bids=[(10.0, 77.0)])) is Outcome.STALE
     assert sync.last_update_id == 100
+    assert sync.book.best_bid() == (10.0, 1.0)
 
 
 def test_live_gap_discards_book_and_event() -> None:

@@ -118,3 +118,133 @@ def test_reset_counts_buffered_events(parts: Any) -> None:
     pipeline.reset_all("reconnect")
     assert metrics.data_loss == {"reconnect": 2}
     assert pipeline.symbols_needing_snapshot() == ["BTCUSDT"]
+
+
+# -- hostile input and self-healing ---------------------------------------------------------------
+
+
+def test_a_frame_that_makes_processing_raise_is_counted_and_the_stream_goes_on() -> None:
+    class Exploding(Rows):
+        def add_event(self, tick: Any, orders: Any) -> bool:
+            if tick is not None and tick[4] == 101:
+                raise RuntimeError("a bug downstream")
+            return super().add_event(tick, orders)
+
+    rows, metrics = Exploding(), Metrics()
+    pipeline = Pipeline(["btcusdt"], rows, Waps(), metrics)
+    live(pipeline)
+    # The half-handled book is rebuilt: the pipeline asks for a snapshot.
+    assert pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0) == "BTCUSDT"
+    assert metrics.errors == {"internal": 1}
+    assert metrics.data_loss == {"internal": 1}
+    assert metrics.resyncs == {"internal": 1}
+    assert not pipeline.in_sync
+    live(pipeline)
+    pipeline.on_frame(frame(101, 102, b=[(99.6, 1.0)]), 2.0)
+    assert [t[4] for t in rows.ticks] == [102]
+
+
+def test_a_deeply_nested_frame_is_malformed_not_fatal(parts: Any) -> None:
+    pipeline, _, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame('{"stream":"x","junk":' + "[" * 1000 + "]" * 1000 + ',"data":{}}', 1.0)
+    pipeline.on_frame("[" * 5000, 1.0)
+    assert metrics.data_loss == {"malformed": 2}
+    assert pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0) is None
+    assert metrics.ticks == 1
+
+
+def test_an_event_sent_twice_is_stale_the_second_time(parts: Any) -> None:
+    pipeline, rows, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 103, b=[(99.5, 1.0)]), 1.0)
+    pipeline.on_frame(frame(101, 103, b=[(99.5, 1.0)]), 1.0)
+    assert [t[4] for t in rows.ticks] == [103]
+    assert metrics.data_loss == {"stale": 1}
+
+
+def test_an_id_far_ahead_wedges_the_book_only_until_stale_resync(parts: Any) -> None:
+    rows, metrics = Rows(), Metrics()
+    pipeline = Pipeline(["btcusdt"], rows, Waps(), metrics, stale_resync_s=5.0)
+    live(pipeline)
+    pipeline.on_frame(frame(101, 10**12, b=[(99.5, 1.0)]), 10.0)  # applied: the id jumps
+    assert pipeline.on_frame(frame(102, 102), 11.0) is None  # stale from now on
+    assert pipeline.on_frame(frame(103, 103), 14.9) is None
+    assert pipeline.syncs["BTCUSDT"].last_update_id == 10**12
+    assert pipeline.on_frame(frame(104, 104), 16.0) == "BTCUSDT"  # 5 s of stale only
+    assert metrics.resyncs == {"stale": 1}
+    assert not pipeline.in_sync
+    assert metrics.data_loss == {"stale": 3}
+
+
+def test_a_crossed_event_resyncs_once_instead_of_warning_per_event(
+    parts: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline, _, _, metrics = parts
+    live(pipeline)
+    assert pipeline.on_frame(frame(101, 101, a=[(98.5, 1.0)]), 1.0) == "BTCUSDT"
+    for u in range(102, 120):
+        pipeline.on_frame(frame(u, u, a=[(98.5, 1.0)]), 1.0)  # buffered for the next snapshot
+    assert metrics.resyncs == {"crossed": 1}
+    assert metrics.data_loss == {"crossed": 1}
+    assert [r.message for r in caplog.records].count("crossed_book") == 1
+    assert pipeline.syncs["BTCUSDT"].buffered == 18
+
+
+def test_a_crossed_snapshot_is_discarded_and_the_buffer_kept(parts: Any) -> None:
+    pipeline, rows, _, metrics = parts
+    pipeline.on_frame(frame(100, 101, b=[(99.5, 1.0)]), 1.0)
+    crossed = Snapshot(last_update_id=100, bids=[(102.0, 1.0)], asks=[(101.0, 3.0)])
+    assert pipeline.on_snapshot("btcusdt", crossed) is True
+    assert metrics.resyncs == {"crossed": 1}
+    assert rows.ticks == []
+    assert pipeline.syncs["BTCUSDT"].buffered == 1
+    live(pipeline)  # a sane snapshot: the kept event is applied
+    assert [t[4] for t in rows.ticks] == [101]
+
+
+def test_a_gap_line_carries_the_id_it_was_measured_against(
+    parts: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline, _, _, _ = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.on_frame(frame(150, 151), 1.0)
+    (line,) = [r for r in caplog.records if r.message == "data_loss"]
+    fields = line.fields  # type: ignore[attr-defined]
+    assert (fields["local_update_id"], fields["missing"]) == (101, 48)
+
+
+def test_a_gap_then_resync_records_the_hole_in_the_ledger(parts: Any) -> None:
+    pipeline, rows, _, _ = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.on_frame(frame(150, 151), 2.0)  # gap: book discarded
+    pipeline.on_frame(frame(160, 161, b=[(99.4, 1.0)]), 3.0)  # buffered
+    later = Snapshot(last_update_id=160, bids=[(99.0, 1.0)], asks=[(101.0, 3.0)])
+    assert pipeline.on_snapshot("btcusdt", later) is False
+    # Ticks cover 101 and 160..161; 102..159 is the recorded hole.
+    assert [(t[3], t[4]) for t in rows.ticks] == [(101, 101), (160, 161)]
+    assert [(g[1], g[2], g[5]) for g in rows.gaps] == [(102, 159, "gap")]
+
+
+def test_a_disconnect_records_a_reconnect_hole_at_the_next_tick(parts: Any) -> None:
+    pipeline, rows, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.reset_all()
+    assert metrics.resyncs == {"reconnect": 1}
+    assert pipeline.syncs["BTCUSDT"].book.best_bid() is None
+    pipeline.on_frame(frame(300, 301, b=[(99.4, 1.0)]), 3.0)
+    assert pipeline.on_snapshot("btcusdt", Snapshot(300, [(99.0, 1.0)], [(101.0, 1.0)])) is False
+    assert [(g[1], g[2], g[5]) for g in rows.gaps] == [(102, 299, "reconnect")]
+
+
+def test_a_restart_hole_is_recorded_against_the_earlier_runs_last_tick(parts: Any) -> None:
+    pipeline, rows, _, _ = parts
+    earlier = datetime(2026, 1, 1, tzinfo=UTC)
+    pipeline.restore("btcusdt", 90, earlier)
+    live(pipeline)  # snapshot at 100
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    ((symbol, first, last, from_time, _, reason),) = rows.gaps
+    assert (symbol, first, last, from_time, reason) == ("BTCUSDT", 91, 100, earlier, "restart")

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 from depthflow.simulate.market import Market
 from depthflow.simulate.server import Simulator
+from depthflow.simulate.weight import UsedWeight, depth_weight
 from tests.test_market import ReferenceBook
 
 StartSimulator = Callable[..., Awaitable[Simulator]]
@@ -252,10 +253,103 @@ async def test_prebuild_with_gaps_sends_the_rest_then_done(start_sim: StartSimul
     assert final["lastUpdateId"] == sim.markets["btcusdt"].last_update_id > events[-1]["u"]
 
 
-async def test_live_rate_paces_and_max_events_sets_done(start_sim: StartSimulator) -> None:
-    sim = await start_sim(("btcusdt", "ethusdt"), rate=500, max_events=20)
-    await asyncio.wait_for(sim.done.wait(), WAIT_S)
-    # Like an exchange, the market moved with nobody connected.
-    assert sim.events_generated == {"btcusdt": 20, "ethusdt": 20}
+async def test_paced_market_generates_nothing_before_the_first_subscriber(
+    start_sim: StartSimulator,
+) -> None:
+    symbols = ("btcusdt", "ethusdt")
+    sim = await start_sim(symbols, rate=500, seed=5, max_events=20)
+    await asyncio.sleep(0.3)  # the 20 events' worth of time, several times over
+    assert sim.events_generated == {"btcusdt": 0, "ethusdt": 0}
+    assert not sim.started.is_set()
+    assert not sim.done.is_set()
     assert sim.frames_sent == 0
+    snapshot = (await depth(sim, symbol="BTCUSDT", limit=5000)).json()
+    assert snapshot == dict(Market("btcusdt", seed=5).snapshot(5000))
+
+    loop = asyncio.get_running_loop()
+    async with connect(ws_url(sim, "/ws/btcusdt@depth@100ms")) as ws:
+        began = loop.time()
+        events = [json.loads(await recv_text(ws)) for _ in range(20)]
+        await asyncio.wait_for(sim.done.wait(), WAIT_S)
+        elapsed = loop.time() - began
+    assert sim.started.is_set()
+    # The first event continues the snapshot taken before subscribing, and none is missing.
+    assert events[0]["U"] == snapshot["lastUpdateId"] + 1
+    assert all(b["U"] == a["u"] + 1 for a, b in itertools.pairwise(events))
+    book = ReferenceBook(snapshot)
+    for event in events:
+        book.apply(event)
+    assert book.as_snapshot() == sim.markets["btcusdt"].snapshot(5000)
+    # Paced from the subscription on: 20 events at 500/s take at least 19 intervals.
+    assert elapsed >= 19 / 500
+    assert sim.events_generated == {"btcusdt": 20, "ethusdt": 20}
+    assert sim.frames_sent == 20  # ethusdt's events went to nobody
     assert len(sim.markets["ethusdt"].true_wap) == 20
+
+
+async def test_paced_market_moves_on_between_connections(start_sim: StartSimulator) -> None:
+    sim = await start_sim(("btcusdt",), rate=200, disconnect_every=5)
+    url = ws_url(sim, "/stream?streams=btcusdt@depth@100ms")
+    async with connect(url) as ws:
+        first = await recv_until_closed(ws)
+        assert ws.close_code == 1001
+    assert len(first) == 5
+    # Like an exchange, once started the market moves with nobody connected.
+    async with asyncio.timeout(WAIT_S):
+        while sim.events_generated["btcusdt"] < 15:  # noqa: ASYNC110 (a plain counter)
+            await asyncio.sleep(0.01)
+    async with connect(url) as ws:
+        second = await recv_until_closed(ws)
+    assert len(second) == 5
+    assert second[0]["U"] > first[-1]["u"] + 1
+    assert all(b["U"] == a["u"] + 1 for a, b in itertools.pairwise(second))
+
+
+# -- request weight -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "weight"),
+    [(1, 5), (100, 5), (101, 25), (500, 25), (501, 50), (1000, 50), (1001, 250), (5000, 250)],
+)
+def test_depth_weight_follows_binance_limits(limit: int, weight: int) -> None:
+    assert depth_weight(limit) == weight
+
+
+def test_used_weight_counts_a_rolling_minute_per_client() -> None:
+    now = [1000.0]
+    used = UsedWeight(clock=lambda: now[0])
+    assert used.add("10.0.0.1", 5) == 5
+    now[0] += 30
+    assert used.add("10.0.0.1", 25) == 30
+    assert used.add("10.0.0.2", 250) == 250  # counted per address
+    now[0] += 29.9
+    assert used.add("10.0.0.1", 5) == 35
+    now[0] += 0.2  # the first request is now more than a minute old
+    assert used.add("10.0.0.1", 50) == 80
+    now[0] += 61
+    assert used.add("10.0.0.1", 5) == 5
+    assert used.add("10.0.0.2", 5) == 5
+
+
+async def test_depth_reports_used_weight_of_the_last_minute(start_sim: StartSimulator) -> None:
+    sim = await start_sim(("btcusdt",), rate=0)
+    used = []
+    async with rest(sim) as client:
+        for params in (
+            {"limit": 100},
+            {"limit": 500},
+            {"limit": 1000},
+            {"limit": 5000},
+            {},  # default limit 100
+            {"limit": 9999},  # served as 5000
+        ):
+            response = await client.get("/api/v3/depth", params={"symbol": "BTCUSDT", **params})
+            assert response.status_code == 200
+            used.append(int(response.headers["X-MBX-USED-WEIGHT-1M"]))
+        error = await client.get("/api/v3/depth", params={"symbol": "DOGEUSDT"})
+        assert error.status_code == 400
+        assert error.headers["x-mbx-used-weight-1m"] == str(used[-1] + 5)
+        other = await client.get("/api/v3/ticker")
+        assert "x-mbx-used-weight-1m" not in other.headers
+    assert used == [5, 30, 80, 330, 335, 585]

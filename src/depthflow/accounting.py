@@ -23,7 +23,6 @@ class LossReason(StrEnum):
     INTERNAL = "internal"  # handling the frame raised: a bug, counted instead of fatal
     STALE = "stale"  # already in the book (u <= local update id)
     GAP = "gap"  # U > local id + 1: book discarded, resynced
-    RESYNC = "resync"  # live event dropped because its book was discarded (crossed, stale, audit)
     SYNC_BUFFER = "sync_buffer"  # too many events buffered while snapshots kept failing
     RECONNECT = "reconnect"  # buffered for a snapshot when the connection dropped
     SHUTDOWN = "shutdown"  # buffered or unwritten when the service stopped
@@ -55,6 +54,7 @@ class ResyncReason(StrEnum):
     RECONNECT = "reconnect"
     CROSSED = "crossed"
     STALE = "stale"  # only stale events for STALE_RESYNC_S while frames kept arriving
+    INTERNAL = "internal"  # handling an event raised: the book may be half updated
 
 
 class GapReason(StrEnum):

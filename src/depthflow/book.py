@@ -121,7 +121,7 @@ class Outcome(enum.Enum):
 
     APPLIED = "applied"  # levels set; the book reflects this event
     BUFFERED = "buffered"  # kept until a snapshot arrives
-    STALE = "stale"  # older than the book; ignored
+    STALE = "stale"  # already in the book (u <= local id); ignored
     GAP = "gap"  # update ids skipped: book discarded, event dropped, resync needed
     OVERFLOW = "overflow"  # buffer full: event dropped
 
@@ -198,7 +198,8 @@ class BookSync:
         is loaded and goes live at once: the next event is then checked by the live rules, which
         is Binance's first-event check, so a stream that pauses after a gap still resyncs.
         Exhaust the iterator before feeding more events: a replay left unfinished drops the rest
-        of the buffer, and the next live event then reports the hole as a GAP.
+        of the buffer, and the next live event then reports the hole as a GAP. A `resync` during
+        the replay keeps the rest buffered for the next snapshot.
         """
         if self.state is SyncState.LIVE or (
             self.state is SyncState.BUFFERING
@@ -219,9 +220,22 @@ class BookSync:
         self._discard()
         return discarded
 
+    def resync(self) -> None:
+        """Discard the book but keep what is buffered (a crossed or stale book): the next
+        snapshot rebuilds it. An unfinished replay puts its remaining events back first."""
+        self._discard()
+
+    def is_crossed(self) -> bool:
+        """Best bid at or above best ask: no exchange book looks like that."""
+        bid = self.book.best_bid()
+        ask = self.book.best_ask()
+        return bid is not None and ask is not None and bid[0] >= ask[0]
+
     def _apply_live(self, event: DepthEvent) -> Outcome:
         local_id = self._local_id
-        if event.last_update_id < local_id:
+        # Binance's text says `u < local id`; an event with u == local id holds nothing new and
+        # applying it twice would store a duplicate tick.
+        if event.last_update_id <= local_id:
             return Outcome.STALE
         if event.first_update_id > local_id + 1:
             self._discard()
@@ -233,7 +247,14 @@ class BookSync:
     def _replay(
         self, pending: deque[DepthEvent], snapshot_id: int, generation: int
     ) -> Iterator[tuple[DepthEvent, Outcome]]:
-        while pending and self._generation == generation:
+        while pending:
+            if self._generation != generation:
+                # The book was discarded mid-replay (a resync): the rest waits for the next
+                # snapshot, ahead of anything buffered since.
+                pending.extend(self._buffer)
+                self._buffer = pending
+                self.state = SyncState.BUFFERING
+                return
             event = pending.popleft()
             # Binance: drop buffered events with u <= lastUpdateId; the snapshot already has them.
             if event.last_update_id <= snapshot_id:

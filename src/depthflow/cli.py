@@ -80,19 +80,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from typing import cast
+
     import uvicorn
 
     from depthflow.api import create_app
+    from depthflow.api.http_server import header_timeout_protocol, raise_open_files_limit
 
+    raise_open_files_limit()
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
+        # h11 based: uvicorn's httptools protocol ignores h11_max_incomplete_event_size.
+        http=header_timeout_protocol(settings.http_header_timeout_s),
+        limit_concurrency=settings.http_limit_concurrency,
+        # Annotated int, but uvicorn only hands it to loop.call_later: a float is fine.
+        timeout_keep_alive=cast(int, settings.http_timeout_keep_alive_s),
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     uvicorn.Server(config).run()
+    service = getattr(app.state, "service", None)
+    if service is not None and service.fatal is not None:
+        # A supervised task kept dying: exit non-zero so the orchestrator restarts us.
+        log.critical("exiting_after_task_failures", extra={"fields": {"task": service.fatal}})
+        return 1
     return 0
 
 
@@ -171,6 +187,9 @@ class _Discard:
     def add_event(self, tick: object, orders: object) -> bool:
         return True
 
+    def add_gap(self, row: object) -> bool:
+        return True
+
     def add_tick(self, symbol: str, wap: float, event_time: datetime, last_update_id: int) -> None:
         return None
 
@@ -181,23 +200,8 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _replay_async(settings: Settings, path: Path) -> None:
-    from depthflow.replay import replay
-    from depthflow.service import Service
+    from depthflow.replay import run_replay
 
-    service = Service(settings, with_feed=False)
-    await service.start()
-    started = time.monotonic()
-    try:
-        stats = await replay(path, service.pipeline, service.writer.wait_capacity)
-    finally:
-        await service.stop()
-    elapsed = time.monotonic() - started
-    summary = {
-        "frames": stats.frames,
-        "snapshots_used": stats.snapshots_used,
-        "seconds": round(elapsed, 3),
-        "frames_per_s": round(stats.frames / elapsed, 1) if elapsed else None,
-        **service.metrics.local_totals(),
-    }
+    summary = await run_replay(settings, path)
     log.info("replayed", extra={"fields": summary})
     print(json.dumps(summary))

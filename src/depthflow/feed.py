@@ -8,7 +8,6 @@ exponential backoff and jitter, and every book is resynced from a fresh snapshot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -20,6 +19,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
+from depthflow.accounting import ErrorKind, LossReason
 from depthflow.config import Settings
 from depthflow.events import Snapshot, decode_snapshot
 from depthflow.metrics import Metrics
@@ -80,6 +80,8 @@ class Feed:
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self.state = FeedState.DISCONNECTED
         self.connections = 0
+        # Monotonic time of the last frame (or of the connect, before the first frame).
+        self.last_frame_at = time.monotonic()
 
     async def run(self) -> None:
         """Consume the stream forever, reconnecting as needed; cancel the task to stop."""
@@ -113,7 +115,9 @@ class Feed:
         self.connections += 1
         await self._cancel_snapshots()
         self._pipeline.reset_all()
+        self.last_frame_at = time.monotonic()
         self.state = FeedState.CONNECTED
+        watchdog = asyncio.create_task(self._watchdog(ws), name="depthflow-feed-watchdog")
         # Resync every book now rather than on its first event, so a quiet symbol is live too.
         for symbol in self._pipeline.symbols_needing_snapshot():
             self._request_snapshot(symbol)
@@ -121,7 +125,7 @@ class Feed:
         try:
             rotated = await self._consume(ws)
         except ConnectionClosed as exc:
-            self._metrics.count_error("connection")
+            self._metrics.count_error(ErrorKind.CONNECTION)
             log.warning(
                 "feed_closed", extra={"fields": {"code": _close_code(exc), "error": str(exc)}}
             )
@@ -132,10 +136,19 @@ class Feed:
                 )
                 await ws.close()
             else:
-                self._metrics.count_error("connection")
+                self._metrics.count_error(ErrorKind.CONNECTION)
                 log.warning("feed_closed", extra={"fields": {"code": ws.close_code}})
         finally:
+            watchdog.cancel()
+            await asyncio.wait([watchdog])
+            # Not live from the moment the stream stops: /health, /ready and /book say so now,
+            # not at the next connect.
             self.state = FeedState.DISCONNECTED
+            await self._cancel_snapshots()
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                # (When the service stops us, it counts what was buffered as `shutdown`.)
+                self._pipeline.reset_all(LossReason.RECONNECT)
 
     async def _consume(self, ws: ClientConnection) -> bool:
         """Hand frames to the pipeline; True when the connection reached its maximum age."""
@@ -145,6 +158,7 @@ class Feed:
         count = 0
         async for raw in ws:
             received_at = time.time()
+            self.last_frame_at = time.monotonic()
             if tap is not None:
                 tap.write_frame(
                     received_at, raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
@@ -161,11 +175,32 @@ class Feed:
                     return True
         return False
 
+    async def _watchdog(self, ws: ClientConnection) -> None:
+        """Close a connection that delivers nothing for `feed_stall_s`: the server may keep it
+        open and answer pings while sending no data, and the books would silently rot."""
+        stall = self._settings.feed_stall_s
+        while True:
+            await asyncio.sleep(min(1.0, stall / 4))
+            silent = time.monotonic() - self.last_frame_at
+            if silent >= stall:
+                self._metrics.count_error(ErrorKind.CONNECTION)
+                log.warning("feed_stalled", extra={"fields": {"silent_s": round(silent, 1)}})
+                await ws.close(code=1001, reason="stalled")
+                return
+
+    @property
+    def stalled(self) -> bool:
+        """Connected, but nothing received for `feed_stall_s`."""
+        return (
+            self.state == FeedState.CONNECTED
+            and time.monotonic() - self.last_frame_at >= self._settings.feed_stall_s
+        )
+
     def _connect_failed(self, exc: Exception) -> Exception | None:
         """websockets asks whether a failed connect is worth retrying: always, but a bad URI."""
         if isinstance(exc, InvalidURI):
             return exc
-        self._metrics.count_error("connect")
+        self._metrics.count_error(ErrorKind.CONNECT)
         log.warning("feed_connect_failed", extra={"fields": {"error": repr(exc)}})
         return None
 
@@ -181,7 +216,7 @@ class Feed:
         if task.cancelled() or task.exception() is None:
             return
         # A bug, not a network problem: say so loudly; the next buffered event asks again.
-        self._metrics.count_error("snapshot")
+        self._metrics.count_error(ErrorKind.SNAPSHOT)
         log.error(
             "snapshot_task_failed",
             exc_info=task.exception(),
@@ -202,14 +237,23 @@ class Feed:
         url = f"{self._settings.binance_rest_url.rstrip('/')}/api/v3/depth"
         params: dict[str, str | int] = {"symbol": symbol, "limit": self._settings.snapshot_limit}
         try:
-            response = await self._http.get(url, params=params)
+            # One deadline for connect, headers and body: httpx's timeouts are per read, so a
+            # server trickling a byte every few seconds would never trip them.
+            async with asyncio.timeout(self._settings.snapshot_timeout_s):
+                response = await self._http.get(url, params=params)
             response.raise_for_status()
             body = response.text
             if self._tap is not None:
                 self._tap.write_snapshot(time.time(), symbol.lower(), body)
             return decode_snapshot(body)
-        except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._metrics.count_error("snapshot")
+        except (
+            httpx.HTTPError,
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            RecursionError,
+            TimeoutError,
+        ) as exc:
+            self._metrics.count_error(ErrorKind.SNAPSHOT)
             log.warning("snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(exc)}})
             return None
 
@@ -217,9 +261,9 @@ class Feed:
         tasks = [t for t in self._snapshot_tasks.values() if not t.done()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # wait(), not `await task`: a CancelledError of our own caller must still propagate.
+            await asyncio.wait(tasks)
         self._snapshot_tasks.clear()
 
 

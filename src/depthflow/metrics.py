@@ -12,6 +12,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TypedDict
 
 import numpy as np
@@ -234,6 +235,7 @@ class MetricsDocument(TypedDict):
     resync_count: int
     resyncs: dict[str, int]
     task_restarts: dict[str, int]
+    counters_started_at: str | None
 
 
 def metrics_document(
@@ -241,6 +243,7 @@ def metrics_document(
 ) -> MetricsDocument:
     """Build the `/metrics` body from `RedisSink.totals()` (or `Metrics.local_totals()`)."""
     count = totals.get("latency_count", 0.0)
+    started_at = totals.get("started_at")
     return {
         "average_latency": totals.get("latency_sum", 0.0) / count if count > 0 else 0.0,
         "cpu_usage_percent": stats.cpu_percent(),
@@ -259,6 +262,9 @@ def metrics_document(
         "resync_count": int(totals.get("resync_count", 0)),
         "resyncs": _breakdown(totals, "resync:"),
         "task_restarts": _breakdown(totals, "task_restart:"),
+        "counters_started_at": (
+            None if started_at is None else datetime.fromtimestamp(started_at, UTC).isoformat()
+        ),
     }
 
 

@@ -3,43 +3,44 @@
 No I/O here. The feed (or a replay) hands in raw frames and snapshots; the pipeline keeps one
 `BookSync` per symbol, turns every applied event into an ``orders`` row per changed level and a
 ``price_ticks`` row with the level-1 WAP, hands them to the writer and the WAP to the analytics
-step, and accounts for every event that does not become a tick as data loss with a reason.
+step, accounts for every event that does not become a tick as data loss with a reason, and has the
+`GapLedger` record every hole that leaves in the stored sequence. Nothing a frame holds can make
+it raise: whatever goes wrong is counted, logged (rate-limited) and the stream goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
-from depthflow.accounting import LossReason
-from depthflow.book import BookSync, Outcome
+from depthflow.accounting import ErrorKind, GapReason, LossReason, ResyncReason
+from depthflow.book import BookSync, Outcome, SyncState
 from depthflow.events import DecodeError, DepthEvent, Snapshot, decode_frame
+from depthflow.gaps import GapLedger
+from depthflow.logs import LogLimiter
 from depthflow.metrics import Metrics
-from depthflow.records import OrderRow, TickRow
+from depthflow.records import GapRow, OrderRow, TickRow
 
 __all__ = ["Pipeline", "RowSink", "TickSink", "wap"]
 
 log = logging.getLogger(__name__)
 
+_PREVIEW_CHARS = 200
+
 
 class RowSink(Protocol):
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool: ...
+
+    def add_gap(self, row: GapRow) -> bool: ...
 
 
 class TickSink(Protocol):
     def add_tick(
         self, symbol: str, wap: float, event_time: datetime, last_update_id: int
     ) -> None: ...
-
-
-_LOSS_OF_OUTCOME = {
-    Outcome.STALE: LossReason.STALE,
-    Outcome.GAP: LossReason.GAP,
-    Outcome.OVERFLOW: LossReason.SYNC_BUFFER,
-}
 
 
 def wap(bid_px: float, bid_qty: float, ask_px: float, ask_qty: float) -> float:
@@ -58,70 +59,144 @@ class Pipeline:
         metrics: Metrics,
         *,
         max_sync_buffer: int = 100_000,
+        stale_resync_s: float = 5.0,
+        ledger: GapLedger | None = None,
     ) -> None:
-        self.syncs: dict[str, BookSync] = {
+        self._syncs: dict[str, BookSync] = {
             s.upper(): BookSync(s.upper(), max_buffer=max_sync_buffer) for s in symbols
         }
         self._writer = writer
         self._analytics = analytics
         self._metrics = metrics
+        self._stale_resync_s = stale_resync_s
+        self.ledger = ledger if ledger is not None else GapLedger()
         # Receipt time of each buffered event, so a tick replayed after a snapshot still reports
         # its latency (and received_at) from the moment its frame arrived.
         self._buffered_at: dict[int, float] = {}
+        # Receipt time of the first of an unbroken run of stale events on a live book.
+        self._stale_since: dict[str, float] = {}
+        # Events refused by a full sync buffer in the current episode, per symbol.
+        self._sync_overflow: dict[str, int] = {}
+        self._bad_frames = LogLimiter()
+        self._current: BookSync | None = None  # the book the frame being handled changes
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def syncs(self) -> Mapping[str, BookSync]:
+        """Every symbol's book sync, by upper-case symbol (read only)."""
+        return self._syncs
+
+    def book(self, symbol: str) -> BookSync | None:
+        return self._syncs.get(symbol.upper())
+
+    def states(self) -> dict[str, SyncState]:
+        return {symbol: sync.state for symbol, sync in self._syncs.items()}
 
     @property
     def in_sync(self) -> bool:
-        return all(sync.last_update_id is not None for sync in self.syncs.values())
+        return all(sync.last_update_id is not None for sync in self._syncs.values())
 
     def symbols_needing_snapshot(self) -> list[str]:
-        return [symbol for symbol, sync in self.syncs.items() if sync.needs_snapshot]
+        return [symbol for symbol, sync in self._syncs.items() if sync.needs_snapshot]
+
+    # -- input -------------------------------------------------------------------------------------
 
     def on_frame(self, raw: str | bytes, received_at: float) -> str | None:
         """Handle one websocket frame; returns the symbol whose book now wants a snapshot."""
-        metrics = self._metrics
-        metrics.messages += 1
+        self._metrics.messages += 1
+        self._current = None
         try:
-            event = decode_frame(raw)
-        except DecodeError as exc:
-            self._reject(exc.kind, exc.detail, raw)
-            return None
-        sync = self.syncs.get(event.symbol)
-        if sync is None:
-            self._reject(LossReason.UNKNOWN_SYMBOL, f"symbol {event.symbol!r}", raw)
-            return None
-        outcome = sync.on_event(event)
-        if outcome is Outcome.APPLIED:
-            self._emit(sync, event, received_at)
-            return None
-        self._account(sync, event, outcome, received_at)
-        # A gap or the first buffered event: the book wants a snapshot now.
-        return sync.symbol if sync.needs_snapshot else None
+            return self._on_frame(raw, received_at)
+        except Exception as exc:
+            # A bug or an input nobody foresaw: the frame is counted as lost, never fatal.
+            return self._internal_error(raw, exc)
 
     def on_snapshot(self, symbol: str, snapshot: Snapshot) -> bool:
-        """Apply a REST snapshot; returns True while the book still needs one (it was too old)."""
-        sync = self.syncs[symbol.upper()]
-        for event, outcome in sync.on_snapshot(snapshot):
+        """Apply a REST snapshot; returns True while the book still needs one (it was too old,
+        or crossed)."""
+        sync = self._syncs[symbol.upper()]
+        replay = sync.on_snapshot(snapshot)
+        if sync.state is SyncState.LIVE and sync.is_crossed():
+            # Loaded, but no exchange book is crossed: throw it away before replaying anything
+            # (the replay then keeps every buffered event for the next snapshot).
+            self._resync(sync, ResyncReason.CROSSED)
+        for event, outcome in replay:
             received_at = self._buffered_at.pop(id(event), time.time())
             if outcome is Outcome.APPLIED:
                 self._emit(sync, event, received_at)
             else:
-                self._account(sync, event, outcome, received_at)
+                self._account(sync, event, outcome, None)
         if sync.last_update_id is not None:
-            log.info(
-                "book_synced",
-                extra={"fields": {"symbol": symbol, "last_update_id": sync.last_update_id}},
-            )
+            self._synced(sync)
         return sync.needs_snapshot
 
-    def reset_all(self, reason: str = LossReason.RECONNECT) -> None:
-        """Discard every book (after a reconnect, at shutdown); buffered events count as lost."""
-        for sync in self.syncs.values():
+    def restore(self, symbol: str, last_update_id: int | None, event_time: datetime | None) -> None:
+        """An earlier run's last stored update id of ``symbol`` (None: it stored nothing), so
+        the hole a restart or crash left is recorded."""
+        symbol = symbol.upper()
+        if last_update_id is None:
+            self.ledger.forget_first(symbol)
+            return
+        row = self.ledger.restore(symbol, last_update_id, event_time)
+        if row is not None:
+            self._record_gap(row)
+
+    def reset_all(self, reason: LossReason = LossReason.RECONNECT) -> None:
+        """Discard every book (after a disconnect, at shutdown); buffered events count as lost."""
+        self.reset(self._syncs, reason)
+
+    def reset(self, symbols: Iterable[str], reason: LossReason = LossReason.RECONNECT) -> None:
+        """Discard the books of ``symbols``; their buffered events count as lost."""
+        gap_reason = GapReason.SHUTDOWN if reason is LossReason.SHUTDOWN else GapReason.RECONNECT
+        for symbol in symbols:
+            sync = self._syncs[symbol.upper()]
+            was = sync.state
             discarded = sync.reset()
             if discarded:
                 self._metrics.count_loss(reason, discarded)
-        self._buffered_at.clear()
+            if was is not SyncState.WAITING:
+                self.ledger.note(sync.symbol, gap_reason)
+                if reason is LossReason.RECONNECT:
+                    self._metrics.count_resync(ResyncReason.RECONNECT)
+            self._stale_since.pop(sync.symbol, None)
+        if not any(sync.buffered for sync in self._syncs.values()):
+            self._buffered_at.clear()
 
-    def _emit(self, sync: BookSync, event: DepthEvent, received_at: float) -> None:
+    # -- one frame ---------------------------------------------------------------------------------
+
+    def _on_frame(self, raw: str | bytes, received_at: float) -> str | None:
+        try:
+            event = decode_frame(raw)
+        except DecodeError as exc:
+            self._reject(exc.kind, ErrorKind(exc.kind), exc.detail, raw)
+            return None
+        sync = self._syncs.get(event.symbol)
+        if sync is None:
+            self._reject(
+                LossReason.UNKNOWN_SYMBOL,
+                ErrorKind.UNKNOWN_SYMBOL,
+                f"symbol {event.symbol[:_PREVIEW_CHARS]!r}",
+                raw,
+            )
+            return None
+        self._current = sync
+        expected = sync.last_update_id
+        outcome = sync.on_event(event)
+        if outcome is Outcome.APPLIED:
+            self._stale_since.pop(sync.symbol, None)
+            return self._emit(sync, event, received_at)
+        if outcome is Outcome.BUFFERED:
+            self._buffered_at[id(event)] = received_at
+            return sync.symbol
+        self._account(sync, event, outcome, expected)
+        if outcome is Outcome.STALE and expected is not None:
+            return self._check_stale(sync, received_at)
+        # A gap: the book wants a snapshot now.
+        return sync.symbol if sync.needs_snapshot else None
+
+    def _emit(self, sync: BookSync, event: DepthEvent, received_at: float) -> str | None:
+        """Hand an applied event's rows on; returns the symbol if its book must be resynced."""
         symbol = sync.symbol
         event_time = datetime.fromtimestamp(event.event_time / 1000, UTC)
         last_id = event.last_update_id
@@ -130,11 +205,25 @@ class Pipeline:
         ]
         orders.extend((symbol, event_time, last_id, "ask", price, qty) for price, qty in event.asks)
         tick = self._tick(sync, event, event_time, received_at)
-        self._writer.add_event(tick, orders)
-        if tick is not None:
-            self._analytics.add_tick(symbol, tick[9], event_time, last_id)
-            self._metrics.ticks += 1
-            self._metrics.observe_latency(time.time() - received_at)
+        if tick is None:
+            self.ledger.note(symbol, GapReason.NO_TICK)
+            self._writer.add_event(None, orders)
+            if sync.is_crossed():
+                self._resync(sync, ResyncReason.CROSSED)
+                return symbol
+            return None
+        gap = self.ledger.before_tick(symbol, event.first_update_id, event_time)
+        if gap is not None:
+            self._record_gap(gap)
+        if not self._writer.add_event(tick, orders):
+            # Refused (buffer full, counted by the writer): the next stored tick records the hole.
+            self.ledger.note(symbol, GapReason.OVERFLOW)
+            return None
+        self.ledger.stored(symbol, last_id, event_time)
+        self._analytics.add_tick(symbol, tick[9], event_time, last_id)
+        self._metrics.ticks += 1
+        self._metrics.observe_latency(time.time() - received_at)
+        return None
 
     def _tick(
         self, sync: BookSync, event: DepthEvent, event_time: datetime, received_at: float
@@ -173,32 +262,132 @@ class Pipeline:
             wap(bid_px, bid_qty, ask_px, ask_qty),
         )
 
-    def _account(
-        self, sync: BookSync, event: DepthEvent, outcome: Outcome, received_at: float
-    ) -> None:
-        if outcome is Outcome.BUFFERED:
-            self._buffered_at[id(event)] = received_at
-            return
-        reason = _LOSS_OF_OUTCOME[outcome]
-        self._metrics.count_loss(reason)
-        if outcome is not Outcome.STALE:
-            log.warning(
-                "data_loss",
-                extra={
-                    "fields": {
-                        "reason": reason,
-                        "symbol": sync.symbol,
-                        "first_update_id": event.first_update_id,
-                        "last_update_id": event.last_update_id,
-                        "local_update_id": sync.last_update_id,
-                    }
-                },
-            )
+    def _check_stale(self, sync: BookSync, received_at: float) -> str | None:
+        """A live book seeing only stale events for `stale_resync_s` ran ahead of the exchange."""
+        since = self._stale_since.setdefault(sync.symbol, received_at)
+        if received_at - since < self._stale_resync_s:
+            return None
+        self._resync(sync, ResyncReason.STALE)
+        return sync.symbol
 
-    def _reject(self, reason: str, detail: str, raw: str | bytes) -> None:
-        self._metrics.count_error(reason)
-        self._metrics.count_loss(reason)
-        preview = raw[:200] if isinstance(raw, str) else raw[:200].decode("utf-8", "replace")
+    def _account(
+        self, sync: BookSync, event: DepthEvent, outcome: Outcome, expected: int | None
+    ) -> None:
+        if outcome is Outcome.STALE:
+            self._metrics.count_loss(LossReason.STALE)
+            return
+        if outcome is Outcome.OVERFLOW:
+            self._metrics.count_loss(LossReason.SYNC_BUFFER)
+            dropped = self._sync_overflow.get(sync.symbol, 0)
+            self._sync_overflow[sync.symbol] = dropped + 1
+            if dropped == 0:
+                # One line per episode; `_synced` reports how many were dropped in all.
+                log.warning(
+                    "sync_buffer_full",
+                    extra={"fields": {"symbol": sync.symbol, "buffered": sync.buffered}},
+                )
+            return
+        # A gap: the book was discarded, the event dropped.
+        self._metrics.count_loss(LossReason.GAP)
+        self._metrics.count_resync(ResyncReason.GAP)
+        self.ledger.note(sync.symbol, GapReason.GAP)
+        self._stale_since.pop(sync.symbol, None)
         log.warning(
-            "bad_frame", extra={"fields": {"reason": reason, "detail": detail, "frame": preview}}
+            "data_loss",
+            extra={
+                "fields": {
+                    "reason": LossReason.GAP,
+                    "symbol": sync.symbol,
+                    "first_update_id": event.first_update_id,
+                    "last_update_id": event.last_update_id,
+                    # What the gap was measured against (the book is gone by now).
+                    "local_update_id": expected,
+                    "missing": event.first_update_id - expected - 1
+                    if expected is not None
+                    else None,
+                }
+            },
         )
+
+    def _resync(self, sync: BookSync, reason: ResyncReason) -> None:
+        local_id = sync.last_update_id
+        sync.resync()
+        self._metrics.count_resync(reason)
+        self.ledger.note(sync.symbol, GapReason.RESYNC)
+        self._stale_since.pop(sync.symbol, None)
+        log.warning(
+            "book_resync",
+            extra={
+                "fields": {"symbol": sync.symbol, "reason": reason, "local_update_id": local_id}
+            },
+        )
+
+    def _synced(self, sync: BookSync) -> None:
+        dropped = self._sync_overflow.pop(sync.symbol, 0)
+        log.info(
+            "book_synced",
+            extra={
+                "fields": {
+                    "symbol": sync.symbol,
+                    "last_update_id": sync.last_update_id,
+                    "sync_buffer_dropped": dropped,
+                }
+            },
+        )
+
+    def _record_gap(self, row: GapRow) -> None:
+        symbol, first, last, _, _, reason = row
+        self._writer.add_gap(row)
+        log.warning(
+            "data_gap",
+            extra={
+                "fields": {
+                    "symbol": symbol,
+                    "from_update_id": first,
+                    "to_update_id": last,
+                    "missing": last - first + 1,
+                    "reason": reason,
+                }
+            },
+        )
+
+    def _reject(self, reason: LossReason, kind: ErrorKind, detail: str, raw: str | bytes) -> None:
+        self._metrics.count_error(kind)
+        self._metrics.count_loss(reason)
+        held = self._bad_frames.allow(reason)
+        if held is None:
+            return
+        log.warning(
+            "bad_frame",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "detail": detail[:_PREVIEW_CHARS],
+                    "frame": _preview(raw),
+                    "similar_not_logged": held,
+                }
+            },
+        )
+
+    def _internal_error(self, raw: str | bytes, exc: Exception) -> str | None:
+        self._metrics.count_error(ErrorKind.INTERNAL)
+        self._metrics.count_loss(LossReason.INTERNAL)
+        held = self._bad_frames.allow(LossReason.INTERNAL)
+        if held is not None:
+            log.error(
+                "frame_failed",
+                exc_info=exc,
+                extra={"fields": {"frame": _preview(raw), "similar_not_logged": held}},
+            )
+        sync = self._current
+        if sync is None or sync.state is not SyncState.LIVE:
+            return None
+        # The book being changed may be half updated: rebuild it from a snapshot.
+        self._resync(sync, ResyncReason.INTERNAL)
+        return sync.symbol
+
+
+def _preview(raw: str | bytes) -> str:
+    if isinstance(raw, bytes | bytearray | memoryview):
+        return bytes(raw[:_PREVIEW_CHARS]).decode("utf-8", "replace")
+    return raw[:_PREVIEW_CHARS]

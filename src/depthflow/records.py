@@ -8,6 +8,8 @@ from typing import Final
 TickRow = tuple[str, datetime, datetime, int, int, float, float, float, float, float]
 OrderRow = tuple[str, datetime, int, str, float, float]
 SignalRow = tuple[str, str, float, float, float, datetime, int]
+# symbol, from_update_id, to_update_id, from_time, to_time, reason
+GapRow = tuple[str, int, int, datetime | None, datetime | None, str]
 
 TICK_COLUMNS: Final = (
     "symbol",
@@ -30,4 +32,12 @@ SIGNAL_COLUMNS: Final = (
     "sma_long",
     "event_time",
     "last_update_id",
+)
+GAP_COLUMNS: Final = (
+    "symbol",
+    "from_update_id",
+    "to_update_id",
+    "from_time",
+    "to_time",
+    "reason",
 )

@@ -1,9 +1,15 @@
 """Shared counters in Redis: every process adds its deltas to one hash, so they sum.
 
 The hash `<prefix>counters` has the fields of `Metrics.local_totals()` (`message_count`,
-`error:<kind>`, ...). Each process pushes only what changed since its last successful push, in one
-MULTI/EXEC pipeline per flush interval; while Redis is away the deltas keep growing locally and are
-added in one go when it is back.
+`error:<kind>`, ...) plus `started_at`, the unix time (seconds, float) at which the hash was
+created: delete the hash to reset the counters, and `started_at` starts again with the next push.
+
+Each process pushes only what changed since its last acknowledged push. A push carries an id, and
+one Lua script applies it at most once: `SET <prefix>push:<id> 1 NX EX 86400`, and only when that
+succeeds, HSETNX `started_at` and HINCRBY / HINCRBYFLOAT every delta. A push whose reply is lost
+(timeout, Redis paused or gone) may still have been applied, so it stays *pending*: it is retried
+with the same id and the same deltas until Redis answers, and only then are newer deltas pushed
+under a new id. While Redis is away the deltas keep growing locally and are added when it is back.
 
 Create the client with short timeouts and few retries (see `create_client`): redis-py's default of
 10 retries with backoff would hold a flush or a `/metrics` request for seconds on a dead server.
@@ -13,28 +19,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
-from typing import Final
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from depthflow.accounting import ErrorKind
 from depthflow.metrics import Metrics
 
-__all__ = ["COUNTERS_KEY", "RedisSink", "create_client"]
+__all__ = ["COUNTERS_KEY", "PUSH_ID_TTL_S", "PUSH_KEY", "STARTED_AT", "RedisSink", "create_client"]
 
 log = logging.getLogger(__name__)
 
 COUNTERS_KEY = "counters"
+# `<prefix>push:<id>`: set by the push that applied `<id>`, so a retry of it is a no-op.
+PUSH_KEY = "push:"
+PUSH_ID_TTL_S: Final = 86_400
+# Field of the counters hash: when it was created (unix seconds, float). Not a counter.
+STARTED_AT = "started_at"
 _READ_TTL_S: Final = 0.1
 # Pushed with HINCRBYFLOAT; every other field is an integer counter (HINCRBY).
 _FLOAT_FIELDS = frozenset({"latency_sum"})
 # Redis failures that mean "away"; OSError covers sockets errors redis-py does not wrap.
 _REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+# KEYS[1] the counters hash, KEYS[2] the push-id key; ARGV[1] the id key's TTL, then one
+# (field, "i" | "f", delta) triple per counter. Returns 1 when applied now, 0 when applied before.
+_PUSH_SCRIPT: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('HSETNX', KEYS[1], 'started_at', now[1] .. '.' .. string.format('%06d', now[2]))
+end
+for i = 2, #ARGV, 3 do
+  if ARGV[i + 1] == 'f' then
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 2])
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+return 1
+"""
+_PUSH_SHA: Final = hashlib.sha1(_PUSH_SCRIPT.encode()).hexdigest()
 
 
 def create_client(url: str, *, timeout: float = 1.0) -> aioredis.Redis | None:
@@ -47,9 +82,20 @@ def create_client(url: str, *, timeout: float = 1.0) -> aioredis.Redis | None:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         # One quick retry covers a dropped pooled connection without stalling on a dead server.
+        # Retrying a push is safe: its id makes Redis apply it at most once.
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
         health_check_interval=30,
     )
+
+
+@dataclass(frozen=True)
+class _Push:
+    """One push: Redis applies `deltas` under `id` at most once; `snapshot` is the
+    `local_totals()` that `_pushed` becomes once Redis acknowledges it."""
+
+    id: str
+    deltas: dict[str, float]
+    snapshot: dict[str, float]
 
 
 class RedisSink:
@@ -70,12 +116,17 @@ class RedisSink:
     ) -> None:
         self._client = client
         self._metrics = metrics
+        self._prefix = prefix
         self._key = prefix + COUNTERS_KEY
         self._interval = flush_interval
         # A hard cap per Redis call on top of the client's socket timeouts and retries.
         self._op_timeout = op_timeout
         self._stop_timeout = stop_timeout
-        self._pushed: dict[str, float] = {}  # local_totals() as of the last successful push
+        self._pushed: dict[str, float] = {}  # local_totals() as of the last acknowledged push
+        # A push sent without an answer: maybe applied, maybe not; retried as is until answered.
+        self._pending: _Push | None = None
+        self._sink_id = uuid.uuid4().hex
+        self._sequence = 0
         # Serialises push and totals: a HGETALL between a push's EXEC and the update of
         # `_pushed` would count that push's deltas twice.
         self._lock = asyncio.Lock()
@@ -97,6 +148,15 @@ class RedisSink:
         """True when the last Redis push, ping or read succeeded; always False without a client."""
         return self._client is not None and self._healthy is True
 
+    @property
+    def pending_id(self) -> str | None:
+        """Id of the push sent but not acknowledged (retried as is by the next push), if any."""
+        return self._pending.id if self._pending is not None else None
+
+    def push_key(self, push_id: str) -> str:
+        """The Redis key that marks `push_id` as applied."""
+        return self._prefix + PUSH_KEY + push_id
+
     async def run(self) -> None:
         """Push the deltas now and every `flush_interval` seconds until `stop()`."""
         while not self._stopping.is_set():
@@ -116,29 +176,33 @@ class RedisSink:
             self._failed("push", TimeoutError("final push timed out"))
 
     async def push(self) -> bool:
-        """Add this process's deltas since the last successful push to the shared hash, in one
-        transaction. False (deltas kept for the next push) when Redis is away or disabled."""
+        """Add this process's deltas since the last acknowledged push to the shared hash, at most
+        once each: first the pending push (same id, same deltas) if there is one, then the deltas
+        since. False (deltas kept for the next push) when Redis is away or disabled."""
         if self._client is None:
             return False
         async with self._lock:
+            client = self._client
+            retried = self._pending is not None
+            if self._pending is not None and not await self._send(client, self._pending):
+                return False
             snapshot = self._metrics.local_totals()
             deltas = self._deltas(snapshot)
             if not deltas:
+                if retried:
+                    return True  # the pending push just went through: Redis answers
                 # Nothing to add: still check Redis so `healthy` stays current.
                 return await self.ping()
-            try:
-                await self._send(self._client, deltas)
-            except _REDIS_DOWN as exc:
-                self._failed("push", exc)
-                return False
-            self._pushed = snapshot
-            self._read = None  # the shared hash just changed
-            self._succeeded()
-            return True
+            self._sequence += 1
+            self._pending = _Push(f"{self._sink_id}:{self._sequence}", deltas, snapshot)
+            return await self._send(client, self._pending)
 
     async def totals(self) -> dict[str, float]:
         """Counters summed over every process sharing the prefix, including this process's
-        not-yet-pushed deltas; this process's `local_totals()` when Redis is away or disabled."""
+        not-yet-pushed deltas; this process's `local_totals()` when Redis is away or disabled.
+
+        `started_at` (from the shared hash) passes through unchanged: no process has it locally.
+        """
         if self._client is None:
             return self._metrics.local_totals()
         read = await self._shared_read()
@@ -167,18 +231,28 @@ class RedisSink:
         self._reading = None
 
     async def _hgetall(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        """The shared hash and the local snapshot it contains. With a push pending, whether the
+        hash already holds it is read in the same MULTI (its id key exists or not), so it is
+        counted once either way."""
         assert self._client is not None
         async with self._lock:
+            pending = self._pending
             try:
                 async with asyncio.timeout(self._op_timeout):
-                    raw = await self._client.hgetall(self._key)
+                    async with self._client.pipeline(transaction=True) as pipe:
+                        pipe.hgetall(self._key)
+                        if pending is not None:
+                            pipe.exists(self.push_key(pending.id))
+                        replies: list[Any] = await pipe.execute()
             except _REDIS_DOWN as exc:
                 self._failed("read", exc)
                 return None
             self._succeeded()
-            shared = {_text(field): float(value) for field, value in raw.items()}
-            self._read = (time.monotonic(), shared, dict(self._pushed))
-            return shared, self._read[2]
+            shared = {_text(field): float(value) for field, value in replies[0].items()}
+            applied = pending is not None and bool(replies[1])
+            pushed = dict(pending.snapshot if pending is not None and applied else self._pushed)
+            self._read = (time.monotonic(), shared, pushed)
+            return shared, pushed
 
     async def ping(self) -> bool:
         """Whether Redis answers now; updates `healthy`. False when disabled."""
@@ -201,16 +275,30 @@ class RedisSink:
                 deltas[field] = delta
         return deltas
 
-    async def _send(self, client: aioredis.Redis, deltas: dict[str, float]) -> None:
-        async with asyncio.timeout(self._op_timeout):
-            # MULTI/EXEC: all fields move together, so readers never see half a flush.
-            async with client.pipeline(transaction=True) as pipe:
-                for field, delta in deltas.items():
-                    if field in _FLOAT_FIELDS:
-                        pipe.hincrbyfloat(self._key, field, delta)
-                    else:
-                        pipe.hincrby(self._key, field, int(delta))
-                await pipe.execute()
+    async def _send(self, client: aioredis.Redis, push: _Push) -> bool:
+        """Run the push script for `push`; on an answer (applied now or before) `_pushed`
+        becomes its snapshot. On a failure it stays pending, to be retried as is."""
+        keys = (self._key, self.push_key(push.id))
+        args: list[str | int] = [PUSH_ID_TTL_S]
+        for field, delta in push.deltas.items():
+            if field in _FLOAT_FIELDS:
+                args.extend((field, "f", repr(float(delta))))
+            else:
+                args.extend((field, "i", int(delta)))
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                try:
+                    await client.evalsha(_PUSH_SHA, len(keys), *keys, *args)
+                except NoScriptError:
+                    await client.eval(_PUSH_SCRIPT, len(keys), *keys, *args)
+        except _REDIS_DOWN as exc:
+            self._failed("push", exc)
+            return False
+        self._pushed = push.snapshot
+        self._pending = None
+        self._read = None  # the shared hash just changed
+        self._succeeded()
+        return True
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.count_error(ErrorKind.REDIS)

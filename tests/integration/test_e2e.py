@@ -8,10 +8,13 @@ JSON log lines, and the accounting (every received frame is a tick or counted da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -29,21 +32,68 @@ EVENTS = 1201
 SMA_SHORT, SMA_LONG = 3, 8
 
 
-async def _wait_caught_up(client: httpx.AsyncClient, sim: Simulator, wait_s: float) -> None:
+# Hang guards only, sized for a busy 2-core machine; on a quiet one the test takes ~10 s.
+START_S = 180  # `depthflow serve` answering /health (imports, Numba compile, migrations check)
+SUBSCRIBE_S = 180  # its feed subscribing, which starts the simulator's clock
+RUN_S = 300  # the simulator sending its EVENTS per symbol
+CATCH_UP_S = 180  # the service handling every frame sent
+STOP_S = 120  # SIGTERM to exit: final flush and Redis push
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], wait_s: float, what: str) -> None:
+    """Poll ``check`` until it holds; fail after ``wait_s`` seconds."""
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        ids = []
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {wait_s} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _wait_caught_up(client: httpx.AsyncClient, sim: Simulator, wait_s: float) -> None:
+    """Until the service counted every frame the simulator sent as a tick or a loss, and its
+    books stand where the exchange's do."""
+    expected = sim.frames_sent + sim.malformed_sent
+    seen: dict[str, Any] = {}
+
+    async def caught_up() -> bool:
+        metrics = (await client.get("/metrics")).json()
+        seen.update(metrics)
+        handled = metrics["tick_count"] + metrics["data_loss_count"]
+        if metrics["message_count"] < expected or handled < metrics["message_count"]:
+            return False
         for symbol in SYMBOLS:
             book = (await client.get(f"/book/{symbol}")).json()
-            ids.append(book["last_update_id"] == sim.markets[symbol].top(1)[0])
-        if all(ids):
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("books did not catch up with the exchange")
+            seen[symbol] = book["last_update_id"]
+            if book["last_update_id"] != sim.markets[symbol].last_update_id:
+                return False
+        return True
+
+    try:
+        await wait_for(caught_up, wait_s, "the service to catch up")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: expected {expected} messages, last seen {seen}") from None
+
+
+async def _wait_healthy(client: httpx.AsyncClient, wait_s: float) -> dict[str, Any]:
+    """The first OK /health (a probe can time out on a loaded machine; the next one decides)."""
+    health: dict[str, Any] = {}
+
+    async def ok() -> bool:
+        nonlocal health
+        response = await client.get("/health")
+        assert response.status_code == 200
+        health = response.json()
+        return bool(health["status"] == "OK")
+
+    with contextlib.suppress(TimeoutError):  # asserted by the caller, with the last body seen
+        await wait_for(ok, wait_s, "/health OK")
+    return health
 
 
 @pytest.fixture
-async def simulator() -> Simulator:
+async def simulator() -> AsyncIterator[Simulator]:
+    # Paced, but its clock starts only when the service subscribes: however slowly
+    # `depthflow serve` starts, it gets every event but those the faults below take.
     sim = Simulator(
         SYMBOLS,
         seed=7,
@@ -62,6 +112,7 @@ async def test_simulated_exchange_end_to_end(
     simulator: Simulator, clean_db: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     port = simulator.port
+    assert port is not None
     serve = ServeProcess(
         env=exchange_env(
             port,
@@ -76,22 +127,23 @@ async def test_simulated_exchange_end_to_end(
         ),
         log_path=tmp_path / "serve.log",
     )
-    await serve.start()
+    await serve.start(wait_s=START_S)
     try:
-        async with httpx.AsyncClient(base_url=serve.base_url, timeout=10) as client:
-            await asyncio.wait_for(simulator.done.wait(), 60)
-            await _wait_caught_up(client, simulator, 30)
+        async with httpx.AsyncClient(base_url=serve.base_url, timeout=30) as client:
+            await asyncio.wait_for(simulator.started.wait(), SUBSCRIBE_S)
+            await asyncio.wait_for(simulator.done.wait(), RUN_S)
+            await _wait_caught_up(client, simulator, CATCH_UP_S)
             for symbol in SYMBOLS:
                 book = (await client.get(f"/book/{symbol}", params={"depth": 10})).json()
                 last_id, bids, asks = simulator.markets[symbol].top(10)
                 assert book["last_update_id"] == last_id
                 assert book["bids"] == [list(level) for level in bids]
                 assert book["asks"] == [list(level) for level in asks]
+            health = await _wait_healthy(client, CATCH_UP_S)
             metrics = (await client.get("/metrics")).json()
             prometheus = (await client.get("/prometheus")).text
-            health = (await client.get("/health")).json()
     finally:
-        exit_code = await serve.stop()
+        exit_code = await serve.stop(wait_s=STOP_S)
     log = serve.log_text()
     # uvicorn re-raises the SIGTERM it handled once shutdown is complete.
     assert exit_code in {0, -15}, log
@@ -100,6 +152,8 @@ async def test_simulated_exchange_end_to_end(
 
     # Faults were injected and show in the counters with their reasons.
     assert metrics["error_count"] >= 1
+    # Every frame sent reached the service (the faults drop events at the source, not in transit).
+    assert metrics["message_count"] == simulator.frames_sent + simulator.malformed_sent, metrics
     assert metrics["data_loss_count"] >= 1
     loss = {
         s.labels["reason"]: s.value
@@ -160,12 +214,12 @@ async def test_simulated_exchange_end_to_end(
     assert sorted(logged) == sorted(stored)
 
     # Accounting: every received frame became a tick or counted data loss with a reason.
-    client = aioredis.from_url(redis_url, decode_responses=True)
+    redis_client = aioredis.from_url(redis_url, decode_responses=True)
     try:
-        counters = await client.hgetall(f"{redis_prefix}counters")
+        counters = await redis_client.hgetall(f"{redis_prefix}counters")
     finally:
-        await client.aclose()
-    totals = Counter({k: float(v) for k, v in counters.items()})
+        await redis_client.aclose()
+    totals = Counter({str(k): float(v) for k, v in counters.items()})
     lost = sum(
         v for k, v in totals.items() if k.startswith("data_loss:") and k != "data_loss:overflow"
     )

@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 
-from depthflow.records import ORDER_COLUMNS, SIGNAL_COLUMNS, TICK_COLUMNS
+from depthflow.records import GAP_COLUMNS, ORDER_COLUMNS, SIGNAL_COLUMNS, TICK_COLUMNS
 from depthflow.storage import db
 from depthflow.storage.models import Base
 
@@ -53,6 +53,16 @@ EXPECTED_COLUMNS = {
         ("last_update_id", BIGINT),
         ("created_at", TSTZ),
     ],
+    "data_gaps": [
+        ("id", BIGINT),
+        ("symbol", TEXT),
+        ("from_update_id", BIGINT),
+        ("to_update_id", BIGINT),
+        ("from_time", TSTZ),
+        ("to_time", TSTZ),
+        ("reason", TEXT),
+        ("detected_at", TSTZ),
+    ],
     "ingest_batches": [("batch_id", "uuid"), ("rows", "integer"), ("written_at", TSTZ)],
 }
 EXPECTED_INDEXES = {
@@ -60,6 +70,10 @@ EXPECTED_INDEXES = {
     ("price_ticks", "ix_price_ticks_symbol_last_update_id", ("symbol", "last_update_id")),
     ("orders", "ix_orders_symbol_event_time", ("symbol", "event_time")),
     ("trading_signals", "ix_trading_signals_symbol_event_time", ("symbol", "event_time")),
+    ("price_ticks", "ix_price_ticks_event_time", ("event_time",)),
+    ("trading_signals", "ix_trading_signals_event_time", ("event_time",)),
+    ("data_gaps", "ix_data_gaps_symbol_to_time", ("symbol", "to_time")),
+    ("data_gaps", "ix_data_gaps_symbol_to_update_id", ("symbol", "to_update_id")),
 }
 
 
@@ -123,13 +137,19 @@ async def test_migrate_creates_the_database_and_the_contract_schema(scratch_url:
         "SELECT table_name FROM information_schema.columns "
         "WHERE column_name = 'id' AND is_identity = 'YES' ORDER BY table_name",
     )
-    assert [r["table_name"] for r in identity] == ["orders", "price_ticks", "trading_signals"]
+    assert [r["table_name"] for r in identity] == [
+        "data_gaps",
+        "orders",
+        "price_ticks",
+        "trading_signals",
+    ]
 
 
 def test_row_shapes_follow_the_table_column_order() -> None:
     assert tuple(c for c, _ in EXPECTED_COLUMNS["price_ticks"][1:]) == TICK_COLUMNS
     assert tuple(c for c, _ in EXPECTED_COLUMNS["orders"][1:]) == ORDER_COLUMNS
     assert tuple(c for c, _ in EXPECTED_COLUMNS["trading_signals"][1:-1]) == SIGNAL_COLUMNS
+    assert tuple(c for c, _ in EXPECTED_COLUMNS["data_gaps"][1:-1]) == GAP_COLUMNS
 
 
 async def test_models_and_migrations_do_not_drift(scratch_url: str) -> None:
@@ -153,7 +173,7 @@ async def test_downgrade_to_base_and_upgrade_again(scratch_url: str) -> None:
         EXPECTED_COLUMNS
     )
     version = await _query(scratch_url, "SELECT version_num FROM alembic_version")
-    assert [r["version_num"] for r in version] == ["0001"]
+    assert [r["version_num"] for r in version] == [db.head_revision()]
 
 
 async def test_ensure_database_creates_once_and_drop_removes(scratch_url: str) -> None:

@@ -15,9 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from depthflow.metrics import Metrics
 from depthflow.records import OrderRow, SignalRow, TickRow
 from depthflow.storage import db
-from depthflow.storage import writer as writer_module
-from depthflow.storage.batches import Batch
-from depthflow.storage.writer import BatchWriter
+from depthflow.storage.batches import Batch, write_batch
+from depthflow.storage.writer import BatchWriter, WriteBatch
 from tests.tcp_proxy import TcpProxy
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -81,6 +80,7 @@ class Harness:
         batch_max_rows: int = 1000,
         batch_max_delay_ms: int = 60_000,
         buffer_max_rows: int = 1_000_000,
+        write: WriteBatch | None = None,
     ) -> BatchWriter:
         url = self.url
         if via_proxy:
@@ -93,6 +93,7 @@ class Harness:
             batch_max_rows=batch_max_rows,
             batch_max_delay_ms=batch_max_delay_ms,
             buffer_max_rows=buffer_max_rows,
+            write=write,
         )
         self._writers.append(writer)
         return writer
@@ -136,7 +137,12 @@ async def test_flushes_when_batch_is_full_without_waiting_for_the_delay(harness:
 
     assert await count(harness.url, "price_ticks") == 4
     assert await count(harness.url, "orders") == 8
-    assert writer.rows_written == {"price_ticks": 4, "orders": 8, "trading_signals": 0}
+    assert writer.rows_written == {
+        "price_ticks": 4,
+        "orders": 8,
+        "trading_signals": 0,
+        "data_gaps": 0,
+    }
     assert harness.metrics.rows_written["orders"] == 8
 
 
@@ -242,7 +248,12 @@ async def test_retry_of_a_batch_committed_with_its_ack_lost_writes_nothing_again
     assert await count(harness.url, "orders") == 6
     assert await count(harness.url, "ingest_batches") == 1
     assert writer.buffered == 0
-    assert writer.rows_written == {"price_ticks": 3, "orders": 6, "trading_signals": 0}
+    assert writer.rows_written == {
+        "price_ticks": 3,
+        "orders": 6,
+        "trading_signals": 0,
+        "data_gaps": 0,
+    }
 
 
 async def test_marker_from_an_earlier_commit_makes_the_batch_a_no_op(harness: Harness) -> None:
@@ -339,22 +350,20 @@ async def test_wait_capacity_returns_at_once_while_the_database_is_away(harness:
     assert writer.buffered == 30
 
 
-async def test_an_unexpected_driver_error_does_not_kill_the_writer(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_unexpected_driver_error_does_not_kill_the_writer(harness: Harness) -> None:
     # Fault injection: the first write attempt raises something no database error list names.
-    real = writer_module.write_batch
+    engine = db.make_engine(harness.url, pool_size=1)
+    harness._engines.append(engine)  # disposed with the harness
     calls = 0
 
-    async def flaky(engine: AsyncEngine, batch: Batch) -> bool:
+    async def flaky(batch: Batch) -> bool:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("driver in an impossible state")
-        return await real(engine, batch)
+        return await write_batch(engine, batch)
 
-    monkeypatch.setattr(writer_module, "write_batch", flaky)
-    writer = harness.writer(batch_max_rows=5)
+    writer = harness.writer(batch_max_rows=5, write=flaky)
     task = harness.run(writer)
     for update_id in range(1, 3):  # 6 rows: one full batch
         writer.add_event(*event("btcusdt", update_id))

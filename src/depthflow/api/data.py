@@ -1,18 +1,27 @@
-"""Data routes: the live local book, and the newest stored ticks and signals."""
+"""Data routes: the live local book, and the newest stored ticks, signals and data gaps.
+
+Every stored-row query runs on the API engine, whose connections carry a statement timeout
+(lock waits included) and whose pool wait is bounded: a slow or blocked database answers 503 with
+the reason instead of holding the request.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
-from sqlalchemy import FromClause, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Select, select
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from depthflow.api.deps import ServiceDep
 from depthflow.service import Service
-from depthflow.storage.models import PriceTick, TradingSignal
+from depthflow.storage.models import DataGap, PriceTick, TradingSignal
+
+__all__ = ["newest_query", "router"]
 
 router = APIRouter(tags=["data"])
 
@@ -41,6 +50,17 @@ class Tick(BaseModel):
     best_ask: float
     best_ask_qty: float
     wap: float
+
+
+class Gap(BaseModel):
+    id: int
+    symbol: str
+    from_update_id: int
+    to_update_id: int
+    from_time: datetime | None
+    to_time: datetime | None
+    reason: str
+    detected_at: datetime
 
 
 class Signal(BaseModel):
@@ -72,37 +92,74 @@ async def book(
     )
 
 
-@router.get(
-    "/ticks", response_model=list[Tick], responses={503: {"description": "Database unavailable"}}
-)
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Database unavailable, busy, or the query exceeded its timeout"}
+}
+# SQLSTATE query_canceled: the statement timeout fired (or an operator cancelled the query).
+_QUERY_CANCELED = "57014"
+
+# The time column each table is listed by, newest first; all three have a (symbol, column) index.
+_NEWEST_BY = {"price_ticks": "event_time", "trading_signals": "event_time", "data_gaps": "to_time"}
+Listed = type[PriceTick] | type[TradingSignal] | type[DataGap]
+
+
+@router.get("/ticks", response_model=list[Tick], responses=_UNAVAILABLE)
 async def ticks(service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100) -> list[Tick]:
-    """The newest stored ticks first."""
-    rows = await _newest(service, PriceTick.__table__, symbol, limit)
+    """The newest stored ticks first (by event time)."""
+    rows = await _fetch(service, newest_query(PriceTick, symbol, limit))
     return [Tick.model_validate(row) for row in rows]
 
 
-@router.get(
-    "/signals",
-    response_model=list[Signal],
-    responses={503: {"description": "Database unavailable"}},
-)
+@router.get("/signals", response_model=list[Signal], responses=_UNAVAILABLE)
 async def signals(
     service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100
 ) -> list[Signal]:
-    """The newest stored signals first."""
-    rows = await _newest(service, TradingSignal.__table__, symbol, limit)
+    """The newest stored signals first (by event time)."""
+    rows = await _fetch(service, newest_query(TradingSignal, symbol, limit))
     return [Signal.model_validate(row) for row in rows]
 
 
-async def _newest(
-    service: Service, table: FromClause, symbol: str | None, limit: int
-) -> list[dict[str, Any]]:
-    query = select(table).order_by(table.c.id.desc()).limit(limit)
+@router.get("/gaps", response_model=list[Gap], responses=_UNAVAILABLE)
+async def gaps(service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100) -> list[Gap]:
+    """The newest recorded holes in the stored sequences first (by the event time after them)."""
+    rows = await _fetch(service, newest_query(DataGap, symbol, limit))
+    return [Gap.model_validate(row) for row in rows]
+
+
+def newest_query(model: Listed, symbol: str | None, limit: int) -> Select[Any]:
+    """``SELECT * ... [WHERE symbol = ?] ORDER BY <time> DESC, id DESC LIMIT ?``.
+
+    Ordered by time rather than id so that both forms walk an index backwards and stop after
+    `limit` rows: ``(symbol, <time>)`` with a symbol, ``(<time>)`` without (ticks and signals;
+    the gaps table stays small). Ids only break ties.
+    """
+    table = model.__table__
+    time_column = table.c[_NEWEST_BY[model.__tablename__]]
+    query = select(table).order_by(time_column.desc(), table.c.id.desc()).limit(limit)
     if symbol:
         query = query.where(table.c.symbol == symbol.upper())
+    return query
+
+
+async def _fetch(service: Service, query: Select[Any]) -> list[dict[str, Any]]:
     try:
         async with service.engine.connect() as conn:
             result = await conn.execute(query)
+            return [dict(row) for row in result.mappings()]
+    except PoolTimeoutError as exc:
+        raise HTTPException(503, "database busy: no free connection in the pool") from exc
+    except DBAPIError as exc:
+        if _query_cancelled(exc):
+            raise HTTPException(
+                503, "query cancelled: it exceeded the API statement timeout"
+            ) from exc
+        raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc
     except (OSError, SQLAlchemyError) as exc:
         raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc
-    return [dict(row) for row in result.mappings()]
+
+
+def _query_cancelled(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == _QUERY_CANCELED or isinstance(
+        getattr(orig, "__cause__", None), asyncpg.QueryCanceledError
+    )

@@ -43,6 +43,7 @@ class Connections:
         self._disconnect_every = disconnect_every
         self._malformed_every = malformed_every
         self.frames_sent = 0
+        self.malformed_sent = 0
         self._subscribers: set[Subscriber] = set()
         self._targets: dict[str, tuple[Subscriber, ...]] = {}
         self._all_targets: tuple[Subscriber, ...] = ()
@@ -107,6 +108,7 @@ class Connections:
             every = self._malformed_every
             if every and subscriber.sent % every == 0:
                 await connection.send(self._malformed(subscriber, frame, stream))
+                self.malformed_sent += 1
         except ConnectionClosed:
             self.discard(subscriber)
             return

@@ -15,6 +15,8 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from depthflow.simulate.weight import USED_WEIGHT_HEADER, UsedWeight, depth_weight
+
 __all__ = [
     "BadRequest",
     "DepthQuery",
@@ -24,6 +26,7 @@ __all__ = [
     "parse_depth_query",
     "parse_subscription",
     "process_request",
+    "requested_limit",
 ]
 
 _STREAM_NAME = re.compile(r"^([a-z0-9]+)@depth(?:@100ms|@1000ms)?$")
@@ -85,7 +88,21 @@ def parse_depth_query(query: str, symbols: set[str]) -> DepthQuery | tuple[HTTPS
     if symbol not in symbols:
         return binance_error(-1121, "Invalid symbol.")
     # Binance answers limits above the maximum with the maximum rather than an error.
-    return DepthQuery(symbol, min(max(int(raw_limit), 1), _MAX_LIMIT))
+    return DepthQuery(symbol, requested_limit(query))
+
+
+def requested_limit(query: str) -> int:
+    """The depth limit a query is served (and charged) with; the default when it is not valid."""
+    raw_limit = (parse_qs(query).get("limit") or [""])[0]
+    if not raw_limit.isdigit():
+        return _DEFAULT_LIMIT
+    return min(max(int(raw_limit), 1), _MAX_LIMIT)
+
+
+def _client(connection: ServerConnection) -> str:
+    """The client's IP address, which Binance counts weight by."""
+    address = connection.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
 
 
 def binance_error(code: int, message: str) -> tuple[HTTPStatus, str]:
@@ -102,14 +119,26 @@ def json_response(connection: ServerConnection, status: HTTPStatus, body: str) -
 
 
 def process_request(
-    connection: ServerConnection, request: Request, symbols: set[str], snapshot_body: SnapshotBody
+    connection: ServerConnection,
+    request: Request,
+    symbols: set[str],
+    snapshot_body: SnapshotBody,
+    used_weight: UsedWeight | None = None,
 ) -> Response | None:
     """websockets' ``process_request``: answer depth REST calls and bad paths; None lets a valid
-    stream path through to the websocket handshake."""
+    stream path through to the websocket handshake.
+
+    With ``used_weight``, every depth answer (errors too) carries ``X-MBX-USED-WEIGHT-1M``: the
+    weight the client's address spent in the last minute, this request included.
+    """
     url = urlsplit(request.path)
     if url.path == "/api/v3/depth":
         status, body = _depth(url.query, symbols, snapshot_body)
-        return json_response(connection, status, body)
+        response = json_response(connection, status, body)
+        if used_weight is not None:
+            used = used_weight.add(_client(connection), depth_weight(requested_limit(url.query)))
+            response.headers[USED_WEIGHT_HEADER] = str(used)
+        return response
     if url.path == "/stream" or url.path.startswith("/ws/"):
         try:
             parse_subscription(request.path, symbols)

@@ -4,6 +4,11 @@ One ``websockets`` server answers both: ``process_request`` (`routes`) serves ``
 as plain HTTP and lets ``/stream?streams=...`` and ``/ws/<stream>`` through to the websocket
 handshake. A single pump task generates events and awaits each send (`connections`), so a slow
 client slows the pump (backpressure) instead of the simulator buffering without bound.
+
+Nothing is sent or generated before the first websocket subscriber: a paced market starts its
+clock then (so a client that starts slowly misses nothing, and a snapshot taken before it
+subscribes is continued by the first event it gets), and from then on moves whether or not anyone
+is connected, as an exchange does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from depthflow.simulate.frames import Frame, Replay, load_replay, now_ms
 from depthflow.simulate.market import Market
 from depthflow.simulate.prebuilt import Prebuilt
 from depthflow.simulate.routes import parse_subscription, process_request
+from depthflow.simulate.weight import UsedWeight
 
 __all__ = ["Simulator", "serve"]
 
@@ -66,6 +72,7 @@ class Simulator:
         )
         self._symbols: set[str] = set(lower)
         self.events_generated: dict[str, int] = dict.fromkeys(self.markets, 0)
+        self.started = asyncio.Event()  # set when the first subscriber starts the pump
         self.done = asyncio.Event()
         self.port: int | None = None
         self._connections = Connections(
@@ -74,6 +81,7 @@ class Simulator:
         self._prebuilt: Prebuilt | None = None
         self._replay: Replay | None = None
         self._replay_sent_u: dict[str, int] = {}
+        self._used_weight = UsedWeight()
         self._server: Server | None = None
         self._pump_task: asyncio.Task[None] | None = None
 
@@ -86,6 +94,11 @@ class Simulator:
     def frames_sent(self) -> int:
         """Frames sent to subscribers so far (injected malformed ones not counted)."""
         return self._connections.frames_sent
+
+    @property
+    def malformed_sent(self) -> int:
+        """Injected malformed frames sent so far (``malformed_every``)."""
+        return self._connections.malformed_sent
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -130,6 +143,8 @@ class Simulator:
     # -- pumps ----------------------------------------------------------------------------------
 
     async def _pump(self) -> None:
+        await self._connections.wait_for_subscriber()
+        self.started.set()
         try:
             if self._replay is not None:
                 await self._pump_replay(self._replay)
@@ -145,7 +160,8 @@ class Simulator:
         logger.info("simulator_done", extra={"fields": {"frames_sent": self.frames_sent}})
 
     async def _pump_live(self) -> None:
-        """Generate ``rate`` events/s per symbol (or as fast as subscribers take them)."""
+        """Generate ``rate`` events/s per symbol (or, at rate 0, as fast as subscribers take them
+        and only while one is connected), from the first subscriber on."""
         loop = asyncio.get_running_loop()
         interval = 1.0 / self._rate if self._rate > 0 else 0.0
         deadline = loop.time()
@@ -162,7 +178,6 @@ class Simulator:
                 await asyncio.sleep(0)
 
     async def _pump_prebuilt(self, prebuilt: Prebuilt) -> None:
-        await self._connections.wait_for_subscriber()
         for index, (symbol, last_update_id, frame) in enumerate(prebuilt.items):
             prebuilt.served_u[symbol] = last_update_id
             if frame is not None:
@@ -172,7 +187,6 @@ class Simulator:
         prebuilt.items = []
 
     async def _pump_replay(self, replay: Replay) -> None:
-        await self._connections.wait_for_subscriber()
         loop = asyncio.get_running_loop()
         per_second = self._rate * max(len(self._symbols), 1)
         interval = 1.0 / per_second if per_second > 0 else 0.0
@@ -230,7 +244,9 @@ class Simulator:
     # -- HTTP -----------------------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        return process_request(connection, request, self._symbols, self._snapshot_body)
+        return process_request(
+            connection, request, self._symbols, self._snapshot_body, self._used_weight
+        )
 
     def _snapshot_body(self, symbol: str, limit: int) -> str | None:
         """The book as of the last frame handed to the pump (not as of the last one generated)."""

@@ -18,19 +18,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.records import (
+    GAP_COLUMNS,
     ORDER_COLUMNS,
     SIGNAL_COLUMNS,
     TICK_COLUMNS,
+    GapRow,
     OrderRow,
     SignalRow,
     TickRow,
 )
 
-__all__ = ["ORDERS", "SIGNALS", "TICKS", "WRITE_ERRORS", "Batch", "write_batch"]
+__all__ = ["GAPS", "ORDERS", "SIGNALS", "TICKS", "WRITE_ERRORS", "Batch", "write_batch"]
 
 TICKS: Final = "price_ticks"
 ORDERS: Final = "orders"
 SIGNALS: Final = "trading_signals"
+GAPS: Final = "data_gaps"
 
 # What a write attempt may raise when the database is away, slow or refuses a row.
 WRITE_ERRORS: Final = (
@@ -65,15 +68,21 @@ class Batch:
     ticks: list[TickRow]
     orders: list[OrderRow]
     signals: list[SignalRow]
+    gaps: list[GapRow]
     poison_failures: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.ticks) + len(self.orders) + len(self.signals)
+        return len(self.ticks) + len(self.orders) + len(self.signals) + len(self.gaps)
 
     def tables(self) -> tuple[tuple[str, list[Any]], ...]:
         """Each table's name with this batch's rows for it."""
-        return ((TICKS, self.ticks), (ORDERS, self.orders), (SIGNALS, self.signals))
+        return (
+            (TICKS, self.ticks),
+            (ORDERS, self.orders),
+            (SIGNALS, self.signals),
+            (GAPS, self.gaps),
+        )
 
     def rejected_for_good(self, exc: BaseException) -> bool:
         """Count a failed attempt; True once the database refused these very rows often enough."""
@@ -95,6 +104,8 @@ async def write_batch(engine: AsyncEngine, batch: Batch) -> bool:
                 await _copy(apg, TICKS, TICK_COLUMNS, batch.ticks)
                 await _copy(apg, ORDERS, ORDER_COLUMNS, batch.orders)
                 await _copy(apg, SIGNALS, SIGNAL_COLUMNS, batch.signals)
+                # In the same transaction as the ticks after it: a hole is never stored unrecorded.
+                await _copy(apg, GAPS, GAP_COLUMNS, batch.gaps)
             return True
         except BaseException:
             # The driver connection may be dead or mid-COPY: never hand it back to the pool.

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TypeVar
 
-from depthflow.records import OrderRow, SignalRow, TickRow
+from depthflow.records import GapRow, OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import Batch
 
 __all__ = ["RowBuffer"]
@@ -25,6 +25,7 @@ class RowBuffer:
         self._ticks: list[TickRow] = []
         self._orders: list[OrderRow] = []
         self._signals: list[SignalRow] = []
+        self._gaps: list[GapRow] = []
         self.queued = 0  # rows in the three lists above
         self.oldest = 0.0  # monotonic arrival time of the oldest queued row
         self.pending: Batch | None = None  # taken from the lists, not yet known committed
@@ -47,6 +48,11 @@ class RowBuffer:
         self._count(1)
         self._signals.append(row)
 
+    def add_gap(self, row: GapRow) -> None:
+        """Queue one data-gap row."""
+        self._count(1)
+        self._gaps.append(row)
+
     def _count(self, n: int) -> None:
         if n and not self.queued:
             self.oldest = time.monotonic()
@@ -67,7 +73,9 @@ class RowBuffer:
         ticks, self._ticks = _split(self._ticks, n)
         orders, self._orders = _split(self._orders, n)
         signals, self._signals = _split(self._signals, n)
-        batch = Batch(uuid.uuid4(), ticks, orders, signals)
+        # Every queued gap goes with the first batch: it may only precede the ticks after it.
+        gaps, self._gaps = self._gaps, []
+        batch = Batch(uuid.uuid4(), ticks, orders, signals, gaps)
         # Rows left queued keep `oldest`: conservative, their flush can come early but never late.
         self.queued -= batch.rows
         self.pending = batch

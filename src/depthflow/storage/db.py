@@ -20,6 +20,7 @@ __all__ = [
     "downgrade",
     "drop_database",
     "ensure_database",
+    "head_revision",
     "make_engine",
     "migrate",
     "upgrade",
@@ -37,14 +38,34 @@ def asyncpg_dsn(url: str) -> str:
     return _render(make_url(url).set(drivername="postgresql"))
 
 
-def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> AsyncEngine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    pre_ping: bool = True,
+    statement_timeout_ms: int | None = None,
+    pool_timeout_s: float | None = None,
+) -> AsyncEngine:
     """An asyncpg-backed engine; pooled connections are checked before use unless `pre_ping`
-    is off (the writer's: it invalidates a failed connection itself and saves the round trip)."""
+    is off (the writer's: it invalidates a failed connection itself and saves the round trip).
+
+    `statement_timeout_ms` makes the server cancel any statement (lock waits included) running
+    longer on this engine's connections (the API's; never the writer's, whose COPYs must finish).
+    `pool_timeout_s` bounds the wait for a free pooled connection: by default as long as the
+    statement timeout when there is one (a drained pool then fails as fast as a slow query),
+    else SQLAlchemy's 30 s.
+    """
+    connect_args: dict[str, object] = {"timeout": _CONNECT_TIMEOUT_S}
+    if statement_timeout_ms is not None:
+        connect_args["server_settings"] = {"statement_timeout": str(statement_timeout_ms)}
+    if pool_timeout_s is None:
+        pool_timeout_s = statement_timeout_ms / 1000 if statement_timeout_ms is not None else 30.0
     return create_async_engine(
         url,
         pool_size=pool_size,
         pool_pre_ping=pre_ping,
-        connect_args={"timeout": _CONNECT_TIMEOUT_S},
+        pool_timeout=pool_timeout_s,
+        connect_args=connect_args,
     )
 
 
@@ -96,6 +117,15 @@ def alembic_config(url: str) -> Config:
     # Keep the application's logging; env.py applies alembic.ini's [loggers] only for the CLI.
     config.attributes["configure_logger"] = False
     return config
+
+
+def head_revision() -> str:
+    """The newest migration's revision id."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("postgresql://unused/x")).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
 
 
 def upgrade(url: str, revision: str = "head") -> None:

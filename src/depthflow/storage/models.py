@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Double, Identity, Index, Integer, Text, Uuid, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "IngestBatch", "Order", "PriceTick", "TradingSignal"]
+__all__ = ["Base", "DataGap", "IngestBatch", "Order", "PriceTick", "TradingSignal"]
 
 TIMESTAMPTZ = DateTime(timezone=True)
 
@@ -42,6 +42,7 @@ class PriceTick(Base):
     __table_args__ = (
         Index("ix_price_ticks_symbol_event_time", "symbol", "event_time"),
         Index("ix_price_ticks_symbol_last_update_id", "symbol", "last_update_id"),
+        Index("ix_price_ticks_event_time", "event_time"),
     )
 
 
@@ -76,7 +77,34 @@ class TradingSignal(Base):
     last_update_id: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
 
-    __table_args__ = (Index("ix_trading_signals_symbol_event_time", "symbol", "event_time"),)
+    __table_args__ = (
+        Index("ix_trading_signals_symbol_event_time", "symbol", "event_time"),
+        Index("ix_trading_signals_event_time", "event_time"),
+    )
+
+
+class DataGap(Base):
+    """A hole in a symbol's stored sequence: update ids no stored tick covers, and why.
+
+    With the ticks it covers the update-id range from a symbol's first stored tick to its last
+    without overlap; ``from_time``/``to_time`` are the event times of the stored ticks around it.
+    """
+
+    __tablename__ = "data_gaps"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    symbol: Mapped[str] = mapped_column(Text)
+    from_update_id: Mapped[int] = mapped_column(BigInteger)
+    to_update_id: Mapped[int] = mapped_column(BigInteger)
+    from_time: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, nullable=True)
+    to_time: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    detected_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_data_gaps_symbol_to_time", "symbol", "to_time"),
+        Index("ix_data_gaps_symbol_to_update_id", "symbol", "to_update_id"),
+    )
 
 
 class IngestBatch(Base):

@@ -13,18 +13,31 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Final
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from depthflow.accounting import ErrorKind, LossReason
+from depthflow.accounting import ErrorKind, GapReason, LossReason
 from depthflow.metrics import Metrics
-from depthflow.records import OrderRow, SignalRow, TickRow
-from depthflow.storage.batches import ORDERS, SIGNALS, TICKS, WRITE_ERRORS, Batch, write_batch
+from depthflow.records import GapRow, OrderRow, SignalRow, TickRow
+from depthflow.storage.batches import (
+    GAPS,
+    ORDERS,
+    SIGNALS,
+    TICKS,
+    WRITE_ERRORS,
+    Batch,
+    write_batch,
+)
 from depthflow.storage.buffer import RowBuffer
 
-__all__ = ["CATCH_UP_FACTOR", "BatchWriter"]
+__all__ = ["CATCH_UP_FACTOR", "SLOW_ATTEMPT_S", "BatchWriter", "WriteBatch"]
+
+# Writes one batch in one transaction; False if it was committed before (see `write_batch`).
+WriteBatch = Callable[[Batch], Awaitable[bool]]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +47,11 @@ _BACKOFF_MIN_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
 # Bounds one attempt so a stalled connection cannot block the writer (a 15k-row COPY takes ~0.1 s).
 _ATTEMPT_TIMEOUT_S: Final = 30.0
+# The feed never waits longer than this for the writer to catch up; past it the bounded buffer
+# absorbs (overflow counted) until a write completes again.
+_MAX_BACKPRESSURE_WAIT_S: Final = 0.25
+# A write attempt running longer than this makes the database "slow" (/health DEGRADED).
+SLOW_ATTEMPT_S: Final = 3.0
 
 
 class BatchWriter:
@@ -51,8 +69,9 @@ class BatchWriter:
         batch_max_rows: int,
         batch_max_delay_ms: int,
         buffer_max_rows: int,
+        write: WriteBatch | None = None,
     ) -> None:
-        self._engine = engine
+        self._write: WriteBatch = write if write is not None else partial(write_batch, engine)
         self._metrics = metrics
         self._batch_max_rows = max(1, batch_max_rows)
         self._max_delay_s = batch_max_delay_ms / 1000
@@ -69,7 +88,11 @@ class BatchWriter:
         self._failures = 0  # consecutive failed attempts, for backoff and logs
         self._last_error: BaseException | None = None
         self._overflow_dropped = 0  # events/signals refused since the buffer filled up
-        self.rows_written: dict[str, int] = {TICKS: 0, ORDERS: 0, SIGNALS: 0}
+        self._attempt_started: float | None = None  # monotonic start of the attempt in flight
+        self._last_attempt_s = 0.0  # duration of the last finished attempt
+        # Set when a backpressure wait timed out; cleared by the next write that completes.
+        self._backpressure_off = False
+        self.rows_written: dict[str, int] = {TICKS: 0, ORDERS: 0, SIGNALS: 0, GAPS: 0}
 
     # -- hot path ----------------------------------------------------------------------------------
 
@@ -85,6 +108,16 @@ class BatchWriter:
         if not self._admit(1):
             return False
         self._buffer.add_signal(row)
+        return True
+
+    def add_gap(self, row: GapRow) -> bool:
+        """Queue one data-gap row. Admitted past the buffer bound (a few rows per outage, and a
+        hole must never go unrecorded); refused only once the writer has stopped."""
+        if self._stopped:
+            logger.error("gap_not_recorded_at_shutdown", extra={"fields": {"gap": row}})
+            return False
+        self._buffer.add_gap(row)
+        self._wake.set()
         return True
 
     def _admit(self, n: int) -> bool:
@@ -121,6 +154,14 @@ class BatchWriter:
         """Whether the last write attempt succeeded (True before the first one)."""
         return self._healthy
 
+    @property
+    def slow(self) -> bool:
+        """The attempt in flight, or the last one, took longer than `SLOW_ATTEMPT_S`."""
+        started = self._attempt_started
+        if started is not None and time.monotonic() - started > SLOW_ATTEMPT_S:
+            return True
+        return self._last_attempt_s > SLOW_ATTEMPT_S
+
     # -- task --------------------------------------------------------------------------------------
 
     async def wait_capacity(self) -> None:
@@ -132,12 +173,24 @@ class BatchWriter:
         if self._has_capacity():
             return
         self._wake.set()
-        async with self._progress:
-            await self._progress.wait_for(self._has_capacity)
+        try:
+            async with asyncio.timeout(_MAX_BACKPRESSURE_WAIT_S), self._progress:
+                await self._progress.wait_for(self._has_capacity)
+        except TimeoutError:
+            # The database is slow (a lock, a stall): stop holding the feed back until a write
+            # completes; the bounded buffer absorbs meanwhile.
+            self._backpressure_off = True
+            logger.warning(
+                "writer_behind",
+                extra={"fields": {"buffered": self.buffered, "wait_s": _MAX_BACKPRESSURE_WAIT_S}},
+            )
 
     def _has_capacity(self) -> bool:
         return (
-            self.buffered < self._high_water or not self._healthy or self._stop_requested.is_set()
+            self.buffered < self._high_water
+            or not self._healthy
+            or self._backpressure_off
+            or self._stop_requested.is_set()
         )
 
     async def run(self) -> None:
@@ -220,6 +273,7 @@ class BatchWriter:
             batch = self._buffer.pending or self._take_batch()
             if batch is None:
                 return 0
+            self._attempt_started = time.monotonic()
             try:
                 async with asyncio.timeout(_ATTEMPT_TIMEOUT_S):
                     fresh = await self._write_batch(batch)
@@ -232,6 +286,10 @@ class BatchWriter:
                 done = self._on_failure(batch, exc)
             else:
                 done = self._on_success(batch, fresh)
+            finally:
+                self._last_attempt_s = time.monotonic() - self._attempt_started
+                self._attempt_started = None
+                self._backpressure_off = False
         await self._notify_progress()
         return done
 
@@ -245,7 +303,7 @@ class BatchWriter:
 
     async def _write_batch(self, batch: Batch) -> bool:
         """Write ``batch`` in one transaction; False if it was committed before."""
-        return await write_batch(self._engine, batch)
+        return await self._write(batch)
 
     def _on_success(self, batch: Batch, fresh: bool) -> int:
         for table, rows in batch.tables():
@@ -297,7 +355,17 @@ class BatchWriter:
             "writer_batch_rejected",
             extra={"fields": {"batch_id": str(batch.batch_id), "rows": batch.rows}},
         )
-        return self._buffer.release()
+        released = self._buffer.release()
+        # The ticks' update ids are now missing from the stored sequence: record them as holes
+        # (the batch's own gap rows go again; they are never what PostgreSQL refuses).
+        for tick in batch.ticks:
+            symbol, event_time, _, first_id, last_id = tick[:5]
+            self._buffer.add_gap(
+                (symbol, first_id, last_id, event_time, event_time, GapReason.REJECTED.value)
+            )
+        for gap in batch.gaps:
+            self._buffer.add_gap(gap)
+        return released
 
     async def _notify_progress(self) -> None:
         async with self._progress:
