@@ -72,6 +72,14 @@ def test_a_bad_value_names_its_variable(
     assert "\n" not in message
 
 
+def test_a_rejected_url_never_shows_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://admin:S3cr3tPW@db.example:3306/x")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "S3cr3tPW" not in str(info.value)
+    assert "mysql://admin:***@db.example:3306/x" in str(info.value)
+
+
 def test_short_window_must_be_below_long(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMA_SHORT", "20")
     monkeypatch.setenv("SMA_LONG", "20")

@@ -404,3 +404,42 @@ async def test_sigterm_mid_stream_flushes_every_computed_row(
     assert final["signal_count"] >= 1
     logged = events_named(serve, "trading_signal")
     assert len(logged) == final["signal_count"]
+
+
+async def test_a_locked_table_never_blocks_the_feed_and_health_says_slow(
+    clean_db: str,
+    redis_url: str,
+    redis_prefix: str,
+    running: contextlib.AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    # An ACCESS EXCLUSIVE lock on price_ticks holds the writer's COPY: the feed must keep
+    # reading (bounded backpressure), /health must say "slow", and nothing may be lost.
+    lock_s = 8.0
+    sim = await start_simulator(running, rate=150)
+    env = serve_env(sim, clean_db, redis_url, redis_prefix)
+    serve = await start_serve(running, env, tmp_path)
+    holder = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        async with httpx.AsyncClient(base_url=serve.base_url, timeout=10) as client:
+            await wait_ticks(client, 100)
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE price_ticks IN ACCESS EXCLUSIVE MODE")
+                messages_at_lock = (await prometheus(client))["depthflow_messages_total"]
+                during = await poll_health(client, lock_s)
+                samples = await prometheus(client)
+            await wait_until(lambda: health_is_ok(client), 30, "/health OK after the lock")
+            await sim.stop()
+            await wait_quiet(client)
+    finally:
+        await holder.close()
+    final = await terminate(serve)
+
+    # The feed kept reading: ~150 frames/s per symbol went on arriving under the lock.
+    assert samples["depthflow_messages_total"] - messages_at_lock > 150 * lock_s / 2
+    slow = [h for h in during if h["checks"]["database"] == "slow"]
+    assert slow, [h["checks"]["database"] for h in during]
+    assert all(h["status"] == "DEGRADED" for h in slow)
+    assert samples["depthflow_database_slow"] == 1.0
+    assert samples["depthflow_database_up"] == 0.0
+    await check_stored_rows(clean_db, sim, final)

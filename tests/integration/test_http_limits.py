@@ -222,3 +222,33 @@ async def test_a_query_blocked_by_a_lock_answers_503_within_the_statement_timeou
             assert (await client.get("/health")).status_code == 200
         assert (await client.get("/ticks", params={"symbol": "btcusdt"})).status_code == 200
     print(f"/ticks behind an ACCESS EXCLUSIVE lock answered 503 in {elapsed:.3f} s")
+
+
+async def test_a_thousand_concurrent_health_probes_all_say_ok(
+    running: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    clean_db: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    # Probes read one shared check result: a burst neither waits on PostgreSQL and Redis nor
+    # makes them look down (before: 167 of 500 concurrent /health said DEGRADED).
+    probes = 1000
+    serve = await start_serve(
+        running,
+        tmp_path,
+        clean_db,
+        redis_url,
+        redis_prefix,
+        HTTP_LIMIT_CONCURRENCY=str(2 * probes),
+    )
+    limits = httpx.Limits(max_connections=probes, max_keepalive_connections=probes)
+    async with httpx.AsyncClient(base_url=serve.base_url, timeout=60.0, limits=limits) as client:
+        for _ in range(600):  # until the book is live: only then is the answer OK
+            if (await client.get("/health")).json()["status"] == "OK":
+                break
+            await asyncio.sleep(0.1)
+        answers = await asyncio.gather(*(client.get("/health") for _ in range(probes)))
+    statuses = [(a.status_code, a.json()["status"]) for a in answers]
+    assert statuses == [(200, "OK")] * probes, {s: statuses.count(s) for s in set(statuses)}
+    assert all(a.json()["checks"]["database"] == "ok" for a in answers)
