@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.ledger_check import assert_sequence_covered
 from tests.reference import spec_signals
 
 SYMBOLS = ("btcusdt", "ethusdt")
@@ -191,6 +192,8 @@ async def test_simulated_exchange_end_to_end(
     for symbol, rows in by_symbol.items():
         assert len(rows) > EVENTS // 2, (symbol, len(rows))
     assert orders > len(ticks)
+    # The gaps, disconnects and malformed frames left holes: each one has its data_gaps row.
+    await assert_sequence_covered(clean_db)
 
     # Signals are exactly the spec's rules applied to the stored ticks.
     expected = []

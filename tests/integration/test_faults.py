@@ -27,6 +27,7 @@ from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.private_services import PrivatePostgres, PrivateRedis
 from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.ledger_check import assert_sequence_covered
 
 SYMBOLS = ("btcusdt", "ethusdt")
 SEED = 5
@@ -236,6 +237,8 @@ async def check_stored_rows(database_url: str, sim: Simulator, final: dict[str, 
 
     assert signals == final["signal_count"] == final.get("rows_written:trading_signals", 0)
     assert {k: final.get(k, 0) for k in ROW_LOSS} == dict.fromkeys(ROW_LOSS, 0)
+    # Every hole the faults left in the stored sequence has its data_gaps row.
+    await assert_sequence_covered(database_url)
     return len(ticks)
 
 
