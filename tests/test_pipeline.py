@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from depthflow.accounting import LossReason
 from depthflow.events import Snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline, wap
@@ -248,3 +249,15 @@ def test_a_restart_hole_is_recorded_against_the_earlier_runs_last_tick(parts: An
     pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
     ((symbol, first, last, from_time, _, reason),) = rows.gaps
     assert (symbol, first, last, from_time, reason) == ("BTCUSDT", 91, 100, earlier, "restart")
+
+
+def test_events_buffered_at_shutdown_are_recorded_as_a_shutdown_hole(parts: Any) -> None:
+    pipeline, rows, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.on_frame(frame(150, 151), 2.0)  # gap: the book waits for a snapshot
+    pipeline.on_frame(frame(152, 160), 2.0)  # buffered
+    pipeline.reset_all(LossReason.SHUTDOWN)
+    assert metrics.data_loss == {"gap": 1, "shutdown": 1}
+    # 102..160 were received (or skipped) but never stored: one row, known now, not at restart.
+    assert [(g[1], g[2], g[5]) for g in rows.gaps] == [(102, 160, "shutdown")]

@@ -174,6 +174,11 @@ class BookSync:
         """Number of buffered events."""
         return len(self._buffer)
 
+    @property
+    def last_buffered(self) -> DepthEvent | None:
+        """The newest buffered event, or None if the buffer is empty."""
+        return self._buffer[-1] if self._buffer else None
+
     def on_event(self, event: DepthEvent) -> Outcome:
         """Apply (LIVE) or buffer one event and say what happened.
 

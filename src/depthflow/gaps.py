@@ -84,6 +84,27 @@ class GapLedger:
         edge.event_time = event_time
         return row
 
+    def close(
+        self, symbol: str, last_update_id: int, event_time: datetime, reason: GapReason
+    ) -> GapRow | None:
+        """Events up to ``last_update_id`` were received but will never be stored (the service
+        stops): the row for that hole now, rather than as part of the next run's restart hole."""
+        edge = self._edges.get(symbol)
+        if edge is None or last_update_id <= edge.update_id:
+            return None
+        row: GapRow = (
+            symbol,
+            edge.update_id + 1,
+            last_update_id,
+            edge.event_time,
+            event_time,
+            reason.value,
+        )
+        edge.update_id = last_update_id
+        edge.event_time = event_time
+        self._causes.pop(symbol, None)
+        return row
+
     def stored(self, symbol: str, last_update_id: int, event_time: datetime) -> None:
         """The writer took a tick ending at ``last_update_id``."""
         edge = self._edges.get(symbol)

@@ -152,6 +152,8 @@ class Pipeline:
         for symbol in symbols:
             sync = self._syncs[symbol.upper()]
             was = sync.state
+            if reason is LossReason.SHUTDOWN:
+                self._close_ledger(sync)
             discarded = sync.reset()
             if discarded:
                 self._metrics.count_loss(reason, discarded)
@@ -162,6 +164,15 @@ class Pipeline:
             self._stale_since.pop(sync.symbol, None)
         if not any(sync.buffered for sync in self._syncs.values()):
             self._buffered_at.clear()
+
+    def _close_ledger(self, sync: BookSync) -> None:
+        last = sync.last_buffered
+        if last is None:
+            return
+        event_time = datetime.fromtimestamp(last.event_time / 1000, UTC)
+        row = self.ledger.close(sync.symbol, last.last_update_id, event_time, GapReason.SHUTDOWN)
+        if row is not None:
+            self._record_gap(row)
 
     # -- one frame ---------------------------------------------------------------------------------
 
