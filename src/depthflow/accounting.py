@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["CheckState", "ErrorKind", "GapReason", "LossReason", "ResyncReason"]
+__all__ = [
+    "AuditResult",
+    "CheckState",
+    "ErrorKind",
+    "GapReason",
+    "LossReason",
+    "ResyncReason",
+    "SnapshotReason",
+]
 
 
 class LossReason(StrEnum):
@@ -25,6 +33,7 @@ class LossReason(StrEnum):
     GAP = "gap"  # U > local id + 1: book discarded, resynced
     SYNC_BUFFER = "sync_buffer"  # too many events buffered while snapshots kept failing
     RECONNECT = "reconnect"  # buffered for a snapshot when the connection dropped
+    DELISTED = "delisted"  # buffered for a snapshot when the symbol left the exchange's list
     SHUTDOWN = "shutdown"  # buffered or unwritten when the service stopped
     EMPTY_SIDE = "empty_side"  # applied, but a side of the book was empty: no tick
     CROSSED = "crossed"  # applied, but best bid >= best ask: no tick, book resynced
@@ -55,6 +64,7 @@ class ResyncReason(StrEnum):
     CROSSED = "crossed"
     STALE = "stale"  # only stale events for STALE_RESYNC_S while frames kept arriving
     INTERNAL = "internal"  # handling an event raised: the book may be half updated
+    AUDIT = "audit"  # a fresh snapshot disagreed with the local book at the same update id
 
 
 class GapReason(StrEnum):
@@ -82,3 +92,20 @@ class CheckState(StrEnum):
     STALLED = "stalled"  # connected, but no frame for FEED_STALL_S
     STOPPED = "stopped"
     RESTARTING = "restarting"
+
+
+class SnapshotReason(StrEnum):
+    """Why a REST snapshot was requested (the ``reason`` label of snapshots); the order is the
+    REST scheduler's priority: a book with no data first, audits only with budget to spare."""
+
+    SYNC = "sync"  # first sync of a book (start, new listing, reconnect)
+    RESYNC = "resync"  # after a gap, a crossed or stale book
+    AUDIT = "audit"  # a periodic check of a live book
+
+
+class AuditResult(StrEnum):
+    """Outcome of a book audit (the ``result`` label of ``depthflow_book_audits_total``)."""
+
+    MATCH = "match"
+    MISMATCH = "mismatch"  # resynced
+    SKIPPED = "skipped"  # the snapshot and the book could not be compared at one update id

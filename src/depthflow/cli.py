@@ -66,6 +66,45 @@ def _parser() -> argparse.ArgumentParser:
         help="pre-generate N events per symbol and send them at full speed",
     )
     sim.add_argument("--replay", type=Path, default=None, metavar="FILE")
+    sim.add_argument(
+        "--symbols-count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve N symbols: --symbols first, then generated s0001usdt, s0002usdt, ...",
+    )
+    sim.add_argument(
+        "--total-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="R events/s over all symbols, Zipf-skewed (a few busy, a long quiet tail; at most "
+        "10/s each), shaped like real Binance events; replaces --rate",
+    )
+    sim.add_argument(
+        "--break-symbols", default="", metavar="LIST", help="listed with status BREAK (no events)"
+    )
+    sim.add_argument(
+        "--weight-limit",
+        type=int,
+        default=6000,
+        metavar="W",
+        help="REST request weight per IP per (fixed) minute, then 429 and 418 bans; 0 = no limit",
+    )
+    sim.add_argument(
+        "--ban-base-s",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="first 418 ban for ignoring a 429's Retry-After; doubles per repeat (Binance: 2 min)",
+    )
+    sim.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="refuse handshakes naming more streams (HTTP 400; Binance: 1024)",
+    )
     sim.set_defaults(run=_simulate)
 
     record = commands.add_parser("record", help="store every frame and snapshot as NDJSON")
@@ -141,6 +180,12 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
                 max_events=args.max_events,
                 prebuild=args.prebuild,
                 replay=args.replay,
+                symbols_count=args.symbols_count,
+                total_rate=args.total_rate,
+                break_symbols=[s.strip() for s in args.break_symbols.split(",") if s.strip()],
+                weight_limit=args.weight_limit or None,
+                ban_base_s=args.ban_base_s,
+                max_streams_per_connection=args.max_streams_per_connection,
             )
         )
     return 0
@@ -158,6 +203,7 @@ async def _record_async(settings: Settings, path: Path, duration: float | None) 
     from depthflow.metrics import Metrics
     from depthflow.pipeline import Pipeline
     from depthflow.recording import RecordingWriter
+    from depthflow.snapshots import DirectSnapshots
 
     metrics = Metrics()
     # The books are kept (they decide when a snapshot is needed) but nothing is stored.
@@ -165,7 +211,10 @@ async def _record_async(settings: Settings, path: Path, duration: float | None) 
     started = time.monotonic()
     with RecordingWriter(path) as writer:
         async with httpx.AsyncClient(timeout=10.0) as http:
-            feed = Feed(settings, pipeline, metrics, http, tap=writer)
+            snapshots = DirectSnapshots(
+                http, settings.binance_rest_url, timeout_s=settings.snapshot_timeout_s
+            )
+            feed = Feed(settings, pipeline, metrics, snapshots, tap=writer)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(duration):
                     await feed.run()

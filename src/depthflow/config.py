@@ -69,6 +69,20 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = Field(default=16_384, ge=1024)
     # Every API query runs under this statement timeout (503 when it fires).
     api_statement_timeout_ms: int = Field(default=5000, ge=1)
+    # Binance allows 1024 streams per connection; fewer keep a reconnect's resync small and the
+    # URL short (200 streams ~ 5 KB).
+    streams_per_connection: int = Field(default=200, ge=1, le=1024)
+    # Binance allows 300 connection attempts per 5 minutes per IP; one every 2 s is half that.
+    connect_interval_s: float = Field(default=2.0, ge=0)
+    # REST request weight per minute for every snapshot and exchangeInfo request of this
+    # process: half of Binance's 6,000 per IP, leaving room for other clients on the IP.
+    rest_weight_per_minute: int = Field(default=3000, ge=10, le=6000)
+    rest_max_concurrency: int = Field(default=4, ge=1, le=64)
+    # One audit (a fresh snapshot compared with the live book) every this many seconds, round
+    # robin over the symbols, with spare budget only; 0 turns audits off.
+    audit_interval_s: float = Field(default=30.0, ge=0)
+    # How often `SYMBOLS` patterns are resolved again through exchangeInfo (listings, delistings).
+    symbols_refresh_s: float = Field(default=3600.0, gt=0)
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -80,8 +94,13 @@ class Settings(BaseSettings):
             if not symbols:
                 raise ValueError("at least one symbol is required")
             for symbol in symbols:
-                if not symbol.isalnum():
-                    raise ValueError(f"{symbol!r} is not a symbol (letters and digits only)")
+                # A name, or a pattern resolved through exchangeInfo: `*`, `*usdt`, `btc*`.
+                if not symbol.strip("*?").replace("*", "").replace("?", "").isalnum() and (
+                    symbol.strip("*?") != ""
+                ):
+                    raise ValueError(
+                        f"{symbol!r} is not a symbol or pattern (letters, digits, * and ?)"
+                    )
             return tuple(dict.fromkeys(symbols))
         return value
 

@@ -1,8 +1,12 @@
-"""The websocket feed: the thin I/O shell around `Pipeline`.
+"""The websocket feed: the thin I/O shell around `Pipeline`, sharded over connections.
 
-One task reads Binance's combined diff-depth stream and hands every frame to the pipeline; REST
-snapshots are fetched by short-lived tasks it owns. On any close or error it reconnects with
-exponential backoff and jitter, and every book is resynced from a fresh snapshot after a reconnect.
+Binance allows 1024 streams per connection and 300 connection attempts per 5 minutes per IP, so
+the symbols are split into shards of at most `STREAMS_PER_CONNECTION` streams, one connection
+each, named in its URL (~5 KB for 200 streams, under the ~8 KB that servers accept; no SUBSCRIBE
+messages to pace under Binance's 5 per second). Each shard reconnects with its own backoff and
+jitter, every attempt of every shard goes through one `ConnectPacer`, and a shard that drops
+resyncs its own books only. Snapshots go through one `SnapshotSource` (the REST scheduler) that
+keeps the whole process inside Binance's request weight.
 """
 
 from __future__ import annotations
@@ -11,21 +15,29 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Protocol
 
-import httpx
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
-from depthflow.accounting import ErrorKind, LossReason
+from depthflow.accounting import ErrorKind, LossReason, SnapshotReason
 from depthflow.config import Settings
 from depthflow.events import Snapshot, decode_snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
 
-__all__ = ["Feed", "FeedState", "Tap", "backoff_delays"]
+__all__ = [
+    "ConnectPacer",
+    "Feed",
+    "FeedState",
+    "Shard",
+    "SnapshotSource",
+    "Tap",
+    "backoff_delays",
+    "shard_symbols",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,12 @@ class Tap(Protocol):
     def write_snapshot(self, received_at: float, symbol: str, raw: str) -> None: ...
 
 
+class SnapshotSource(Protocol):
+    """Where snapshot bodies come from (the REST scheduler); raises when none can be had."""
+
+    async def depth(self, symbol: str, limit: int, reason: SnapshotReason) -> str: ...
+
+
 class FeedState:
     DISCONNECTED = "disconnected"
     CONNECTED = "connected"
@@ -58,39 +76,217 @@ def backoff_delays(
         ceiling = min(maximum, ceiling * factor)
 
 
+def shard_symbols(symbols: Sequence[str], per_connection: int) -> list[list[str]]:
+    """Split ``symbols`` (in order) into shards of at most ``per_connection``."""
+    return [list(symbols[i : i + per_connection]) for i in range(0, len(symbols), per_connection)]
+
+
+class ConnectPacer:
+    """Spaces connection attempts of every shard at least ``interval_s`` apart (Binance: 300
+    attempts per 5 minutes per IP), so a mass reconnect cannot get the IP banned."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next = 0.0
+
+    def reserve(self) -> float:
+        """Book the next free slot; the seconds to wait for it."""
+        now = self._clock()
+        slot = max(now, self._next)
+        self._next = slot + self._interval_s
+        return slot - now
+
+    def paced(self, delays: Generator[float]) -> Generator[float]:
+        """``delays`` stretched so that every attempt also waits for its slot."""
+        for delay in delays:
+            yield max(delay, self.reserve())
+
+
 class Feed:
-    """Reads the stream of every configured symbol until cancelled."""
+    """Every shard of the stream; runs until cancelled. A shard that fails takes the whole feed
+    down with it (a bug, not a network problem): the service's supervisor restarts the feed."""
 
     def __init__(
         self,
         settings: Settings,
         pipeline: Pipeline,
         metrics: Metrics,
-        http: httpx.AsyncClient,
+        snapshots: SnapshotSource,
         *,
+        symbols: Sequence[str] | None = None,
         wait_capacity: Callable[[], Awaitable[None]] | None = None,
         tap: Tap | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._metrics = metrics
-        self._http = http
+        self._snapshots = snapshots
+        self._wait_capacity = wait_capacity
+        self._tap = tap
+        self._pacer = ConnectPacer(settings.connect_interval_s)
+        self._symbols: list[str] = [s.upper() for s in (symbols or settings.symbols)]
+        self.shards: list[Shard] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        # Seconds from a shard's connect to each of its books going live (the latest sync).
+        self.time_to_live: dict[str, float] = {}
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """Connected when every shard is."""
+        if self.shards and all(s.state == FeedState.CONNECTED for s in self.shards):
+            return FeedState.CONNECTED
+        return FeedState.DISCONNECTED
+
+    @property
+    def stalled(self) -> bool:
+        """A connected shard has received nothing for `FEED_STALL_S`."""
+        return any(shard.stalled for shard in self.shards)
+
+    @property
+    def connections(self) -> int:
+        """Connections opened so far, over all shards."""
+        return sum(shard.connections for shard in self.shards)
+
+    def shard_states(self) -> dict[str, str]:
+        return {str(shard.index): shard.state for shard in self.shards}
+
+    # -- life --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.shards = []
+        self._tasks = {}
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                for symbols in shard_symbols(self._symbols, self._settings.streams_per_connection):
+                    self._start_shard(symbols)
+                await asyncio.Event().wait()
+            finally:
+                self._group = None
+
+    def add_symbols(self, symbols: Sequence[str]) -> None:
+        """New listings: into the last shard while it has room (it reconnects with the longer
+        URL, resyncing its books), else into new shards."""
+        new = [s.upper() for s in symbols if s.upper() not in self._symbols]
+        if not new:
+            return
+        self._symbols.extend(new)
+        if self._group is None:
+            return
+        per = self._settings.streams_per_connection
+        last = self.shards[-1] if self.shards else None
+        if last is not None and len(last.symbols) < per:
+            room = per - len(last.symbols)
+            joined, new = new[:room], new[room:]
+            self._restart_shard(last, [*last.symbols, *joined])
+        for symbols in shard_symbols(new, per):
+            self._start_shard(symbols)
+
+    def remove_symbols(self, symbols: Sequence[str]) -> None:
+        """Delisted: no longer ours. Their streams stay subscribed until the shard's next
+        reconnect (a delisted symbol sends nothing), so no other book pays a resync."""
+        gone = {s.upper() for s in symbols}
+        self._symbols = [s for s in self._symbols if s not in gone]
+        for shard in self.shards:
+            shard.forget(gone)
+
+    def _start_shard(self, symbols: list[str]) -> None:
+        assert self._group is not None
+        shard = Shard(
+            len(self.shards),
+            symbols,
+            self._settings,
+            self._pipeline,
+            self._metrics,
+            self._snapshots,
+            self._pacer,
+            time_to_live=self.time_to_live,
+            wait_capacity=self._wait_capacity,
+            tap=self._tap,
+        )
+        self.shards.append(shard)
+        self._tasks[shard.index] = self._group.create_task(
+            shard.run(), name=f"depthflow-shard-{shard.index}"
+        )
+
+    def _restart_shard(self, shard: Shard, symbols: list[str]) -> None:
+        assert self._group is not None
+        self._tasks[shard.index].cancel()
+        shard.symbols = symbols
+        self._tasks[shard.index] = self._group.create_task(
+            shard.run(), name=f"depthflow-shard-{shard.index}"
+        )
+
+
+class Shard:
+    """One connection's worth of symbols: connect, resync its books, hand frames on, repeat."""
+
+    def __init__(
+        self,
+        index: int,
+        symbols: list[str],
+        settings: Settings,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        snapshots: SnapshotSource,
+        pacer: ConnectPacer,
+        *,
+        time_to_live: dict[str, float],
+        wait_capacity: Callable[[], Awaitable[None]] | None = None,
+        tap: Tap | None = None,
+    ) -> None:
+        self.index = index
+        self.symbols = symbols
+        self._settings = settings
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._snapshots = snapshots
+        self._pacer = pacer
+        self._time_to_live = time_to_live
         self._wait_capacity = wait_capacity
         self._tap = tap
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
+        self._live_once: set[str] = set()  # synced at least once on this connection
+        self._connected_at = time.monotonic()
         self.state = FeedState.DISCONNECTED
         self.connections = 0
         # Monotonic time of the last frame (or of the connect, before the first frame).
         self.last_frame_at = time.monotonic()
 
+    @property
+    def url(self) -> str:
+        suffix = "@depth@100ms" if self._settings.depth_interval_ms == 100 else "@depth"
+        streams = "/".join(f"{s.lower()}{suffix}" for s in self.symbols)
+        return f"{self._settings.binance_ws_url.rstrip('/')}/stream?streams={streams}"
+
+    @property
+    def stalled(self) -> bool:
+        """Connected, but nothing received for `feed_stall_s`."""
+        return (
+            self.state == FeedState.CONNECTED
+            and time.monotonic() - self.last_frame_at >= self._settings.feed_stall_s
+        )
+
+    def forget(self, symbols: set[str]) -> None:
+        self.symbols = [s for s in self.symbols if s not in symbols]
+        for symbol in symbols:
+            task = self._snapshot_tasks.pop(symbol, None)
+            if task is not None:
+                task.cancel()
+
     async def run(self) -> None:
-        """Consume the stream forever, reconnecting as needed; cancel the task to stop."""
-        url = self._settings.stream_url
+        """Consume this shard's streams forever, reconnecting as needed; cancel to stop."""
+        url = self.url
         closes = backoff_delays()
+        await asyncio.sleep(self._pacer.reserve())
         try:
             async for ws in connect(
                 url,
-                reconnect_delays=backoff_delays,
+                reconnect_delays=lambda: self._pacer.paced(backoff_delays()),
                 process_exception=self._connect_failed,
                 open_timeout=10,
                 close_timeout=2,
@@ -100,44 +296,65 @@ class Feed:
                 max_queue=1024,
             ):
                 started = time.monotonic()
-                await self._connection(ws, url)
+                await self._connection(ws)
                 if time.monotonic() - started > _STABLE_AFTER_S:
                     closes = backoff_delays()
-                delay = next(closes)
-                log.info("feed_reconnecting", extra={"fields": {"delay_s": round(delay, 3)}})
+                delay = max(next(closes), self._pacer.reserve())
+                log.info(
+                    "feed_reconnecting",
+                    extra={"fields": {"shard": self.index, "delay_s": round(delay, 3)}},
+                )
                 await asyncio.sleep(delay)
         finally:
             self.state = FeedState.DISCONNECTED
             await self._cancel_snapshots()
 
-    async def _connection(self, ws: ClientConnection, url: str) -> None:
+    async def _connection(self, ws: ClientConnection) -> None:
         """One connection's life: resync, then frames until it closes or is rotated."""
         self.connections += 1
         await self._cancel_snapshots()
-        self._pipeline.reset_all()
-        self.last_frame_at = time.monotonic()
+        self._pipeline.reset(self._own_symbols())
+        self._live_once.clear()
+        self._connected_at = self.last_frame_at = time.monotonic()
         self.state = FeedState.CONNECTED
-        watchdog = asyncio.create_task(self._watchdog(ws), name="depthflow-feed-watchdog")
+        watchdog = asyncio.create_task(self._watchdog(ws), name=f"depthflow-watchdog-{self.index}")
         # Resync every book now rather than on its first event, so a quiet symbol is live too.
-        for symbol in self._pipeline.symbols_needing_snapshot():
+        for symbol in self._own_symbols():
             self._request_snapshot(symbol)
-        log.info("feed_connected", extra={"fields": {"url": url, "connection": self.connections}})
+        log.info(
+            "feed_connected",
+            extra={
+                "fields": {
+                    "shard": self.index,
+                    "streams": len(self.symbols),
+                    "connection": self.connections,
+                }
+            },
+        )
         try:
             rotated = await self._consume(ws)
         except ConnectionClosed as exc:
             self._metrics.count_error(ErrorKind.CONNECTION)
             log.warning(
-                "feed_closed", extra={"fields": {"code": _close_code(exc), "error": str(exc)}}
+                "feed_closed",
+                extra={
+                    "fields": {"shard": self.index, "code": _close_code(exc), "error": str(exc)}
+                },
             )
         else:
             if rotated:
                 log.info(
-                    "feed_rotating", extra={"fields": {"max_age_s": self._settings.ws_max_age_s}}
+                    "feed_rotating",
+                    extra={
+                        "fields": {"shard": self.index, "max_age_s": self._settings.ws_max_age_s}
+                    },
                 )
                 await ws.close()
             else:
                 self._metrics.count_error(ErrorKind.CONNECTION)
-                log.warning("feed_closed", extra={"fields": {"code": ws.close_code}})
+                log.warning(
+                    "feed_closed", extra={"fields": {"shard": self.index, "code": ws.close_code}}
+                )
         finally:
             watchdog.cancel()
             await asyncio.wait([watchdog])
@@ -148,7 +365,11 @@ class Feed:
             task = asyncio.current_task()
             if task is None or not task.cancelling():
                 # (When the service stops us, it counts what was buffered as `shutdown`.)
-                self._pipeline.reset_all(LossReason.RECONNECT)
+                self._pipeline.reset(self._own_symbols(), LossReason.RECONNECT)
+
+    def _own_symbols(self) -> list[str]:
+        """This shard's symbols the pipeline still has (a delisted one may be gone)."""
+        return [s for s in self.symbols if self._pipeline.book(s) is not None]
 
     async def _consume(self, ws: ClientConnection) -> bool:
         """Hand frames to the pipeline; True when the connection reached its maximum age."""
@@ -184,31 +405,33 @@ class Feed:
             silent = time.monotonic() - self.last_frame_at
             if silent >= stall:
                 self._metrics.count_error(ErrorKind.CONNECTION)
-                log.warning("feed_stalled", extra={"fields": {"silent_s": round(silent, 1)}})
+                log.warning(
+                    "feed_stalled",
+                    extra={"fields": {"shard": self.index, "silent_s": round(silent, 1)}},
+                )
                 await ws.close(code=1001, reason="stalled")
                 return
-
-    @property
-    def stalled(self) -> bool:
-        """Connected, but nothing received for `feed_stall_s`."""
-        return (
-            self.state == FeedState.CONNECTED
-            and time.monotonic() - self.last_frame_at >= self._settings.feed_stall_s
-        )
 
     def _connect_failed(self, exc: Exception) -> Exception | None:
         """websockets asks whether a failed connect is worth retrying: always, but a bad URI."""
         if isinstance(exc, InvalidURI):
             return exc
         self._metrics.count_error(ErrorKind.CONNECT)
-        log.warning("feed_connect_failed", extra={"fields": {"error": repr(exc)}})
+        log.warning(
+            "feed_connect_failed", extra={"fields": {"shard": self.index, "error": repr(exc)}}
+        )
         return None
+
+    # -- snapshots ---------------------------------------------------------------------------------
 
     def _request_snapshot(self, symbol: str) -> None:
         task = self._snapshot_tasks.get(symbol)
         if task is not None and not task.done():
             return
-        task = asyncio.create_task(self._snapshot(symbol), name=f"depthflow-snapshot-{symbol}")
+        reason = SnapshotReason.RESYNC if symbol in self._live_once else SnapshotReason.SYNC
+        task = asyncio.create_task(
+            self._snapshot(symbol, reason), name=f"depthflow-snapshot-{symbol}"
+        )
         task.add_done_callback(self._snapshot_done)
         self._snapshot_tasks[symbol] = task
 
@@ -223,39 +446,34 @@ class Feed:
             extra={"fields": {"task": task.get_name()}},
         )
 
-    async def _snapshot(self, symbol: str) -> None:
+    async def _snapshot(self, symbol: str, reason: SnapshotReason) -> None:
         """Fetch snapshots until the book is live (or no longer wants one)."""
         delays = backoff_delays(initial=0.05, maximum=10.0)
-        while self._pipeline.syncs[symbol].needs_snapshot:
-            fetched = await self._fetch(symbol)
+        while (sync := self._pipeline.book(symbol)) is not None and sync.needs_snapshot:
+            fetched = await self._fetch(symbol, reason)
             if fetched is not None and not self._pipeline.on_snapshot(symbol, fetched):
+                self._live_once.add(symbol)
+                self._time_to_live[symbol] = time.monotonic() - self._connected_at
                 return
             # Binance: a snapshot older than the first buffered event means "fetch again".
             await asyncio.sleep(next(delays))
 
-    async def _fetch(self, symbol: str) -> Snapshot | None:
-        url = f"{self._settings.binance_rest_url.rstrip('/')}/api/v3/depth"
-        params: dict[str, str | int] = {"symbol": symbol, "limit": self._settings.snapshot_limit}
+    async def _fetch(self, symbol: str, reason: SnapshotReason) -> Snapshot | None:
         try:
-            # One deadline for connect, headers and body: httpx's timeouts are per read, so a
-            # server trickling a byte every few seconds would never trip them.
-            async with asyncio.timeout(self._settings.snapshot_timeout_s):
-                response = await self._http.get(url, params=params)
-            response.raise_for_status()
-            body = response.text
+            body = await self._snapshots.depth(symbol, self._settings.snapshot_limit, reason)
             if self._tap is not None:
                 self._tap.write_snapshot(time.time(), symbol.lower(), body)
             return decode_snapshot(body)
-        except (
-            httpx.HTTPError,
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            RecursionError,
-            TimeoutError,
-        ) as exc:
-            self._metrics.count_error(ErrorKind.SNAPSHOT)
-            log.warning("snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(exc)}})
-            return None
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            error: Exception = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The source's own failures (HTTP status, timeout, throttled): all mean "not now".
+            error = exc
+        self._metrics.count_error(ErrorKind.SNAPSHOT)
+        log.warning("snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(error)}})
+        return None
 
     async def _cancel_snapshots(self) -> None:
         tasks = [t for t in self._snapshot_tasks.values() if not t.done()]

@@ -91,7 +91,15 @@ class Metrics:
         self.signals: Counter[str] = Counter()
         self.rows_written: Counter[str] = Counter()
         self.resyncs: Counter[str] = Counter()
+        self.audits: Counter[str] = Counter()
         self.task_restarts: Counter[str] = Counter()
+        # REST scheduler (`depthflow.rest`): weight sent, requests by (endpoint, status),
+        # snapshots received by reason, seconds paused by a 429 (throttled) or a 418 (banned).
+        self.rest_weight_used = 0
+        self.rest_requests: Counter[tuple[str, str]] = Counter()
+        self.snapshots: Counter[str] = Counter()
+        self.rest_throttled_seconds = 0.0
+        self.rest_banned_seconds = 0.0
         self.latency_sum = 0.0
         self.latency_count = 0
         # Non-cumulative counts per bucket, the last slot +Inf. A list, not numpy: a Python int
@@ -126,8 +134,26 @@ class Metrics:
     def count_resync(self, reason: str) -> None:
         self.resyncs[reason] += 1
 
+    def count_audit(self, result: str) -> None:
+        self.audits[result] += 1
+
     def count_task_restart(self, task: str) -> None:
         self.task_restarts[task] += 1
+
+    def count_rest_weight(self, weight: int) -> None:
+        self.rest_weight_used += weight
+
+    def count_rest_request(self, endpoint: str, status: str) -> None:
+        self.rest_requests[(endpoint, status)] += 1
+
+    def count_snapshot(self, reason: str) -> None:
+        self.snapshots[reason] += 1
+
+    def add_rest_throttled(self, seconds: float) -> None:
+        self.rest_throttled_seconds += seconds
+
+    def add_rest_banned(self, seconds: float) -> None:
+        self.rest_banned_seconds += seconds
 
     def observe_latency(self, seconds: float) -> None:
         """Record one latency sample (frame receipt to rows handed to the writer)."""

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
-from depthflow.accounting import ErrorKind, GapReason, LossReason, ResyncReason
+from depthflow.accounting import AuditResult, ErrorKind, GapReason, LossReason, ResyncReason
+from depthflow.audit import AuditReport, BookAudit
 from depthflow.book import BookSync, Outcome, SyncState
 from depthflow.events import DecodeError, DepthEvent, Snapshot, decode_frame
 from depthflow.gaps import GapLedger
@@ -65,6 +66,7 @@ class Pipeline:
         self._syncs: dict[str, BookSync] = {
             s.upper(): BookSync(s.upper(), max_buffer=max_sync_buffer) for s in symbols
         }
+        self._max_sync_buffer = max_sync_buffer
         self._writer = writer
         self._analytics = analytics
         self._metrics = metrics
@@ -79,6 +81,7 @@ class Pipeline:
         self._sync_overflow: dict[str, int] = {}
         self._bad_frames = LogLimiter()
         self._current: BookSync | None = None  # the book the frame being handled changes
+        self._audits: dict[str, BookAudit] = {}
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -131,6 +134,79 @@ class Pipeline:
             self._synced(sync)
         return sync.needs_snapshot
 
+    def add_symbols(self, symbols: Iterable[str]) -> list[str]:
+        """Follow more symbols (new listings); returns the ones that were not followed yet."""
+        added = []
+        for symbol in symbols:
+            symbol = symbol.upper()
+            if symbol not in self._syncs:
+                self._syncs[symbol] = BookSync(symbol, max_buffer=self._max_sync_buffer)
+                added.append(symbol)
+        return added
+
+    def remove_symbols(self, symbols: Iterable[str]) -> list[str]:
+        """Stop following symbols (delisted); their buffered events count as lost."""
+        removed = []
+        for symbol in symbols:
+            sync = self._syncs.pop(symbol.upper(), None)
+            if sync is None:
+                continue
+            self._audits.pop(sync.symbol, None)
+            discarded = sync.reset()
+            if discarded:
+                self._metrics.count_loss(LossReason.DELISTED, discarded)
+            self._stale_since.pop(sync.symbol, None)
+            removed.append(sync.symbol)
+        return removed
+
+    # -- audits ------------------------------------------------------------------------------------
+
+    def start_audit(self, symbol: str, top_n: int = 20) -> bool:
+        """Begin auditing a live book: call when the audit snapshot request is sent, so every
+        event from then on reaches the audit's shadow book. False if it is not live."""
+        sync = self._syncs.get(symbol.upper())
+        if sync is None or sync.state is not SyncState.LIVE:
+            return False
+        self._audits[sync.symbol] = BookAudit(sync.symbol, top_n=top_n)
+        return True
+
+    def on_audit_snapshot(self, symbol: str, snapshot: Snapshot) -> AuditReport | None:
+        """The audit's snapshot; the report if the audit could be decided right away."""
+        symbol = symbol.upper()
+        audit = self._audits.get(symbol)
+        if audit is None:
+            return None
+        audit.on_snapshot(snapshot)
+        return self._poll_audit(self._syncs[symbol])
+
+    def cancel_audit(self, symbol: str) -> None:
+        """The snapshot never came, or the ids never met in time: the audit is skipped."""
+        if self._audits.pop(symbol.upper(), None) is not None:
+            self._metrics.count_audit(AuditResult.SKIPPED)
+
+    def _poll_audit(self, sync: BookSync) -> AuditReport | None:
+        audit = self._audits[sync.symbol]
+        report = audit.poll(sync.book, sync.last_update_id)
+        if report is None:
+            return None
+        del self._audits[sync.symbol]
+        self._metrics.count_audit(report.result)
+        if report.result is AuditResult.MISMATCH:
+            log.warning(
+                "book_audit_mismatch",
+                extra={
+                    "fields": {
+                        "symbol": sync.symbol,
+                        "update_id": report.update_id,
+                        "levels_compared": report.levels_compared,
+                        "mismatched": report.mismatched,
+                        "differences": [str(d) for d in report.differences],
+                    }
+                },
+            )
+            self._resync(sync, ResyncReason.AUDIT)
+        return report
+
     def restore(self, symbol: str, last_update_id: int | None, event_time: datetime | None) -> None:
         """An earlier run's last stored update id of ``symbol`` (None: it stored nothing), so
         the hole a restart or crash left is recorded."""
@@ -154,6 +230,7 @@ class Pipeline:
             was = sync.state
             if reason is LossReason.SHUTDOWN:
                 self._close_ledger(sync)
+            self._audits.pop(sync.symbol, None)
             discarded = sync.reset()
             if discarded:
                 self._metrics.count_loss(reason, discarded)
@@ -192,8 +269,28 @@ class Pipeline:
             )
             return None
         self._current = sync
+        if self._audits:
+            audit = self._audits.get(sync.symbol)
+            if audit is not None:
+                audit.on_event(event)
         expected = sync.last_update_id
         outcome = sync.on_event(event)
+        wants = self._handle(sync, event, outcome, expected, received_at)
+        if self._audits and sync.symbol in self._audits:
+            # After the event is handled: both books are at the same id now, if ever.
+            report = self._poll_audit(sync)
+            if report is not None and report.result is AuditResult.MISMATCH:
+                return sync.symbol
+        return wants
+
+    def _handle(
+        self,
+        sync: BookSync,
+        event: DepthEvent,
+        outcome: Outcome,
+        expected: int | None,
+        received_at: float,
+    ) -> str | None:
         if outcome is Outcome.APPLIED:
             self._stale_since.pop(sync.symbol, None)
             return self._emit(sync, event, received_at)
@@ -322,6 +419,7 @@ class Pipeline:
 
     def _resync(self, sync: BookSync, reason: ResyncReason) -> None:
         local_id = sync.last_update_id
+        self._audits.pop(sync.symbol, None)
         sync.resync()
         self._metrics.count_resync(reason)
         self.ledger.note(sync.symbol, GapReason.RESYNC)

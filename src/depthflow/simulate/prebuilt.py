@@ -29,14 +29,15 @@ class Prebuilt:
     def build(
         cls,
         markets: dict[str, Market],
-        seed: int,
         count: int,
         generate: Callable[[str, Market], Frame | None],
+        replica_of: Callable[[str], Market],
     ) -> Prebuilt:
-        """Advance each of ``markets`` (seeded with ``seed``) ``count`` events via ``generate``."""
+        """Advance each of ``markets`` ``count`` events via ``generate``; ``replica_of`` makes a
+        same-seed, not yet advanced copy of a symbol's market for the REST side."""
         prebuilt = cls()
         for symbol in markets:
-            replica = Market(symbol, seed=seed, record_wap=False)
+            replica = replica_of(symbol)
             prebuilt.served[symbol] = replica
             prebuilt.served_u[symbol] = replica.last_update_id
         for _ in range(count):

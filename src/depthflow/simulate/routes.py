@@ -1,13 +1,23 @@
-"""Requests to the simulator: Binance's stream paths and ``GET /api/v3/depth``.
+"""Requests to the simulator: Binance's stream paths and its REST routes.
 
-Parsing is pure; `process_request` answers the plain HTTP ones, given a way to read the book.
+Parsing is pure; `process_request` answers the plain HTTP ones, given a `Routes` context (how to
+read the book and the listings, the rate limiter, the connection rules).
+
+Rules enforced, as on Binance's spot endpoints:
+
+* a request URL longer than ``max_url_bytes`` (~8 KB, like the usual front-end servers) gets 414;
+* a stream path naming more than ``max_streams`` streams (Binance: 1024 per connection) is
+  refused at the handshake with 400 and a JSON error body;
+* REST routes are weighed (`weight`): ``/api/v3/depth`` 5-250, ``/api/v3/exchangeInfo`` 20,
+  ``/api/v3/ping`` and ``/api/v3/time`` 1; every answer of theirs carries
+  ``X-MBX-USED-WEIGHT-1M``, over the limit a 429 and then 418 bans with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,12 +25,24 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from depthflow.simulate.weight import USED_WEIGHT_HEADER, UsedWeight, depth_weight
+from depthflow.simulate.weight import (
+    EXCHANGE_INFO_WEIGHT,
+    PING_WEIGHT,
+    RETRY_AFTER_HEADER,
+    USED_WEIGHT_HEADER,
+    RateLimiter,
+    Verdict,
+    depth_weight,
+)
 
 __all__ = [
+    "DEFAULT_MAX_STREAMS",
+    "DEFAULT_MAX_URL_BYTES",
     "BadRequest",
     "DepthQuery",
+    "Routes",
     "Subscription",
+    "TooManyStreams",
     "binance_error",
     "json_response",
     "parse_depth_query",
@@ -32,6 +54,8 @@ __all__ = [
 _STREAM_NAME = re.compile(r"^([a-z0-9]+)@depth(?:@100ms|@1000ms)?$")
 _DEFAULT_LIMIT = 100  # Binance: "Default 100; Maximum 5000"
 _MAX_LIMIT = 5000
+DEFAULT_MAX_STREAMS = 1024  # Binance: "A single connection can listen to a maximum of 1024 streams"
+DEFAULT_MAX_URL_BYTES = 8192
 
 # The JSON body of a ``symbol`` book snapshot with at most ``limit`` levels a side; None if unknown.
 SnapshotBody = Callable[[str, int], str | None]
@@ -39,6 +63,10 @@ SnapshotBody = Callable[[str, int], str | None]
 
 class BadRequest(ValueError):
     """A request to refuse with 400 and this message."""
+
+
+class TooManyStreams(BadRequest):
+    """A stream path naming more streams than one connection may carry."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +83,11 @@ class DepthQuery:
     limit: int
 
 
-def parse_subscription(path: str, symbols: set[str]) -> Subscription:
-    """The streams a websocket path asks for; `BadRequest` unless all are known depth streams."""
+def parse_subscription(
+    path: str, symbols: set[str], max_streams: int | None = None
+) -> Subscription:
+    """The streams a websocket path asks for; `BadRequest` unless all are known depth streams,
+    `TooManyStreams` if it names more than ``max_streams`` distinct ones."""
     url = urlsplit(path)
     if url.path == "/stream":
         query = parse_qs(url.query).get("streams", [])
@@ -67,6 +98,10 @@ def parse_subscription(path: str, symbols: set[str]) -> Subscription:
         combined = False
     if not names:
         raise BadRequest("no stream requested")
+    if max_streams is not None and len({name.lower() for name in names}) > max_streams:
+        raise TooManyStreams(
+            f"Too many streams requested: {len(names)}; at most {max_streams} per connection."
+        )
     streams: dict[str, str] = {}
     for name in names:
         match = _STREAM_NAME.match(name.lower())
@@ -107,7 +142,11 @@ def _client(connection: ServerConnection) -> str:
 
 def binance_error(code: int, message: str) -> tuple[HTTPStatus, str]:
     """Binance's error body: ``{"code": -1121, "msg": "Invalid symbol."}`` with a 400."""
-    return HTTPStatus.BAD_REQUEST, msgspec.json.encode({"code": code, "msg": message}).decode()
+    return HTTPStatus.BAD_REQUEST, _error_body(code, message)
+
+
+def _error_body(code: int, message: str) -> str:
+    return msgspec.json.encode({"code": code, "msg": message}).decode()
 
 
 def json_response(connection: ServerConnection, status: HTTPStatus, body: str) -> Response:
@@ -118,34 +157,114 @@ def json_response(connection: ServerConnection, status: HTTPStatus, body: str) -
     return response
 
 
-def process_request(
-    connection: ServerConnection,
-    request: Request,
-    symbols: set[str],
-    snapshot_body: SnapshotBody,
-    used_weight: UsedWeight | None = None,
-) -> Response | None:
-    """websockets' ``process_request``: answer depth REST calls and bad paths; None lets a valid
-    stream path through to the websocket handshake.
+@dataclass
+class Routes:
+    """What `process_request` answers from: the listed symbols, the book and listing bodies, the
+    limiter (None: weight neither counted nor reported) and the connection rules."""
 
-    With ``used_weight``, every depth answer (errors too) carries ``X-MBX-USED-WEIGHT-1M``: the
-    weight the client's address spent in the last minute, this request included.
-    """
+    symbols: set[str]
+    snapshot_body: SnapshotBody
+    exchange_info_body: Callable[[list[str] | None], str] | None = None
+    limiter: RateLimiter | None = None
+    max_streams: int | None = DEFAULT_MAX_STREAMS
+    max_url_bytes: int | None = DEFAULT_MAX_URL_BYTES
+    server_time_ms: Callable[[], int] = field(default=lambda: 0)
+
+
+def process_request(
+    connection: ServerConnection, request: Request, routes: Routes
+) -> Response | None:
+    """websockets' ``process_request``: answer REST calls and bad paths; None lets a valid
+    stream path through to the websocket handshake."""
+    if routes.max_url_bytes is not None and len(request.path) > routes.max_url_bytes:
+        return connection.respond(HTTPStatus.REQUEST_URI_TOO_LONG, "Request-URI Too Long\n")
     url = urlsplit(request.path)
-    if url.path == "/api/v3/depth":
-        status, body = _depth(url.query, symbols, snapshot_body)
-        response = json_response(connection, status, body)
-        if used_weight is not None:
-            used = used_weight.add(_client(connection), depth_weight(requested_limit(url.query)))
-            response.headers[USED_WEIGHT_HEADER] = str(used)
-        return response
-    if url.path == "/stream" or url.path.startswith("/ws/"):
+    path = url.path
+    if path == "/stream" or path.startswith("/ws/"):
         try:
-            parse_subscription(request.path, symbols)
+            parse_subscription(request.path, routes.symbols, routes.max_streams)
+        except TooManyStreams as exc:
+            return json_response(connection, HTTPStatus.BAD_REQUEST, _error_body(-1101, str(exc)))
         except BadRequest as exc:
             return connection.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
         return None
-    return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+    weight = _weight(path, url.query, routes)
+    if weight is None:
+        return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+    verdict = None
+    if routes.limiter is not None:
+        verdict = routes.limiter.admit(_client(connection), weight)
+        routes.limiter.stats.requests_by_path[path] += 1
+    if verdict is not None and verdict.status != HTTPStatus.OK:
+        status, body = _refusal(verdict, routes)
+    else:
+        status, body = _serve(path, url.query, routes)
+    response = json_response(connection, status, body)
+    if verdict is not None:
+        response.headers[USED_WEIGHT_HEADER] = str(verdict.used)
+        if verdict.retry_after is not None:
+            response.headers[RETRY_AFTER_HEADER] = str(verdict.retry_after)
+        routes.limiter.stats.statuses[status] += 1  # type: ignore[union-attr]
+    return response
+
+
+def _weight(path: str, query: str, routes: Routes) -> int | None:
+    """The route's weight; None for a path that is not served."""
+    if path == "/api/v3/depth":
+        return depth_weight(requested_limit(query))
+    if path == "/api/v3/exchangeInfo" and routes.exchange_info_body is not None:
+        return EXCHANGE_INFO_WEIGHT
+    if path in ("/api/v3/ping", "/api/v3/time"):
+        return PING_WEIGHT
+    return None
+
+
+def _serve(path: str, query: str, routes: Routes) -> tuple[HTTPStatus, str]:
+    if path == "/api/v3/depth":
+        return _depth(query, routes.symbols, routes.snapshot_body)
+    if path == "/api/v3/exchangeInfo" and routes.exchange_info_body is not None:
+        return _exchange_info(query, routes.symbols, routes.exchange_info_body)
+    if path == "/api/v3/time":
+        return HTTPStatus.OK, '{"serverTime":' + str(routes.server_time_ms()) + "}"
+    return HTTPStatus.OK, "{}"  # ping
+
+
+def _refusal(verdict: Verdict, routes: Routes) -> tuple[HTTPStatus, str]:
+    limit = routes.limiter.limit if routes.limiter is not None else None
+    if verdict.status == HTTPStatus.TOO_MANY_REQUESTS:
+        message = (
+            f"Too much request weight used; current limit is {limit} request weight per 1 "
+            "MINUTE. Please use WebSocket Streams for live updates to avoid polling the API."
+        )
+    else:
+        message = (
+            f"Way too much request weight used; IP banned until {verdict.banned_until_ms}. "
+            "Please use WebSocket Streams for live updates to avoid bans."
+        )
+    return verdict.status, _error_body(-1003, message)
+
+
+def _exchange_info(
+    query: str, symbols: set[str], body: Callable[[list[str] | None], str]
+) -> tuple[HTTPStatus, str]:
+    """``GET /api/v3/exchangeInfo``, optionally ``?symbol=X`` or ``?symbols=["X","Y"]``."""
+    params = parse_qs(query)
+    wanted: list[str] | None = None
+    if "symbol" in params:
+        wanted = [params["symbol"][0]]
+    elif "symbols" in params:
+        try:
+            decoded = msgspec.json.decode(params["symbols"][0])
+        except msgspec.DecodeError:
+            decoded = None
+        if not isinstance(decoded, list) or not all(isinstance(s, str) for s in decoded):
+            return binance_error(-1100, "Illegal characters found in parameter 'symbols'.")
+        wanted = decoded
+    if wanted is not None:
+        wanted = [s.lower() for s in wanted]
+        if not all(s in symbols for s in wanted):
+            return binance_error(-1121, "Invalid symbol.")
+    return HTTPStatus.OK, body(wanted)
 
 
 def _depth(query: str, symbols: set[str], snapshot_body: SnapshotBody) -> tuple[HTTPStatus, str]:
