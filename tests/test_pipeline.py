@@ -261,3 +261,37 @@ def test_events_buffered_at_shutdown_are_recorded_as_a_shutdown_hole(parts: Any)
     assert metrics.data_loss == {"gap": 1, "shutdown": 1}
     # 102..160 were received (or skipped) but never stored: one row, known now, not at restart.
     assert [(g[1], g[2], g[5]) for g in rows.gaps] == [(102, 160, "shutdown")]
+
+
+# -- rotation: two connections deliver the same events for a while ----------------------------------
+
+
+def test_during_an_overlap_each_event_is_applied_once_whichever_connection_brings_it(
+    parts: Any,
+) -> None:
+    pipeline, rows, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.begin_overlap(["btcusdt"])
+    # The new connection is ahead: 103 waits instead of being a gap ...
+    assert pipeline.on_frame(frame(103, 103, b=[(99.6, 1.0)]), 2.0) is None
+    # ... until the old one brings 102; then 103 follows at once.
+    pipeline.on_frame(frame(102, 102, b=[(99.7, 1.0)]), 2.1)
+    pipeline.on_frame(frame(102, 102, b=[(99.7, 1.0)]), 2.2)  # the new one's copy
+    pipeline.on_frame(frame(103, 103, b=[(99.6, 1.0)]), 2.3)  # the old one's copy
+    assert pipeline.end_overlap(["btcusdt"]) == []
+    assert [t[4] for t in rows.ticks] == [101, 102, 103]
+    assert metrics.data_loss == {"duplicate": 2}
+    assert metrics.resyncs == {}
+    assert rows.gaps == []
+
+
+def test_a_real_gap_during_an_overlap_counts_when_the_overlap_ends(parts: Any) -> None:
+    pipeline, rows, _, metrics = parts
+    live(pipeline)
+    pipeline.on_frame(frame(101, 101, b=[(99.5, 1.0)]), 1.0)
+    pipeline.begin_overlap(["btcusdt"])
+    assert pipeline.on_frame(frame(110, 110), 2.0) is None  # neither connection brings 102..109
+    assert pipeline.end_overlap(["btcusdt"]) == ["BTCUSDT"]
+    assert metrics.data_loss == {"gap": 1}
+    assert [t[4] for t in rows.ticks] == [101]

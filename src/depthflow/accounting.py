@@ -30,6 +30,7 @@ class LossReason(StrEnum):
     UNKNOWN_SYMBOL = "unknown_symbol"  # a depth event of a symbol not configured
     INTERNAL = "internal"  # handling the frame raised: a bug, counted instead of fatal
     STALE = "stale"  # already in the book (u <= local update id)
+    DUPLICATE = "duplicate"  # received on both connections during a rotation: applied once
     GAP = "gap"  # U > local id + 1: book discarded, resynced
     SYNC_BUFFER = "sync_buffer"  # too many events buffered while snapshots kept failing
     RECONNECT = "reconnect"  # buffered for a snapshot when the connection dropped

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from depthflow.accounting import ErrorKind, LossReason, SnapshotReason
 from depthflow.config import Settings
@@ -45,6 +46,17 @@ log = logging.getLogger(__name__)
 _YIELD_EVERY = 32
 # A connection that lived this long was healthy: the next reconnect starts the backoff afresh.
 _STABLE_AFTER_S = 30.0
+# Both connections are read this long during a rotation: every symbol's next event (10 per
+# second on a busy stream) arrives on the new one meanwhile.
+_ROTATION_OVERLAP_S = 3.0
+_CONNECT_OPTIONS: Final[dict[str, Any]] = {
+    "open_timeout": 10,
+    "close_timeout": 2,
+    "max_size": 2**22,
+    # Frames queue in the library while the pipeline works; a deeper queue smooths bursts
+    # (Binance sends up to 10 frames/s per symbol, the simulator far more).
+    "max_queue": 1024,
+}
 
 
 class Tap(Protocol):
@@ -254,6 +266,7 @@ class Shard:
         self._connected_at = time.monotonic()
         self.state = FeedState.DISCONNECTED
         self.connections = 0
+        self._ws: ClientConnection | None = None
         # Monotonic time of the last frame (or of the connect, before the first frame).
         self.last_frame_at = time.monotonic()
 
@@ -280,20 +293,14 @@ class Shard:
 
     async def run(self) -> None:
         """Consume this shard's streams forever, reconnecting as needed; cancel to stop."""
-        url = self.url
         closes = backoff_delays()
         await asyncio.sleep(self._pacer.reserve())
         try:
             async for ws in connect(
-                url,
+                self.url,
                 reconnect_delays=lambda: self._pacer.paced(backoff_delays()),
                 process_exception=self._connect_failed,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=2**22,
-                # Frames queue in the library while the pipeline works; a deeper queue smooths
-                # bursts (Binance sends up to 10 frames/s per symbol, the simulator far more).
-                max_queue=1024,
+                **_CONNECT_OPTIONS,
             ):
                 started = time.monotonic()
                 await self._connection(ws)
@@ -310,14 +317,16 @@ class Shard:
             await self._cancel_snapshots()
 
     async def _connection(self, ws: ClientConnection) -> None:
-        """One connection's life: resync, then frames until it closes or is rotated."""
+        """One connection's life: resync, then frames until it closes. At its maximum age it is
+        replaced without a resync (`_rotate`), and the replacement's life goes on here."""
         self.connections += 1
         await self._cancel_snapshots()
         self._pipeline.reset(self._own_symbols())
         self._live_once.clear()
         self._connected_at = self.last_frame_at = time.monotonic()
         self.state = FeedState.CONNECTED
-        watchdog = asyncio.create_task(self._watchdog(ws), name=f"depthflow-watchdog-{self.index}")
+        self._ws = ws
+        watchdog = asyncio.create_task(self._watchdog(), name=f"depthflow-watchdog-{self.index}")
         # Resync every book now rather than on its first event, so a quiet symbol is live too.
         for symbol in self._own_symbols():
             self._request_snapshot(symbol)
@@ -332,7 +341,16 @@ class Shard:
             },
         )
         try:
-            rotated = await self._consume(ws)
+            while await self._consume(self._ws, self._settings.ws_max_age_s):
+                replacement = await self._rotate(self._ws)
+                if replacement is None:
+                    await self._ws.close()
+                    return
+                self._ws = replacement
+            self._metrics.count_error(ErrorKind.CONNECTION)
+            log.warning(
+                "feed_closed", extra={"fields": {"shard": self.index, "code": self._ws.close_code}}
+            )
         except ConnectionClosed as exc:
             self._metrics.count_error(ErrorKind.CONNECTION)
             log.warning(
@@ -341,20 +359,6 @@ class Shard:
                     "fields": {"shard": self.index, "code": _close_code(exc), "error": str(exc)}
                 },
             )
-        else:
-            if rotated:
-                log.info(
-                    "feed_rotating",
-                    extra={
-                        "fields": {"shard": self.index, "max_age_s": self._settings.ws_max_age_s}
-                    },
-                )
-                await ws.close()
-            else:
-                self._metrics.count_error(ErrorKind.CONNECTION)
-                log.warning(
-                    "feed_closed", extra={"fields": {"shard": self.index, "code": ws.close_code}}
-                )
         finally:
             watchdog.cancel()
             await asyncio.wait([watchdog])
@@ -367,13 +371,67 @@ class Shard:
                 # (When the service stops us, it counts what was buffered as `shutdown`.)
                 self._pipeline.reset(self._own_symbols(), LossReason.RECONNECT)
 
+    async def _rotate(self, old: ClientConnection) -> ClientConnection | None:
+        """Replace ``old`` before Binance's 24 h cut without a hole or a snapshot: open the new
+        connection first, read both for `_ROTATION_OVERLAP_S` (each event is applied once,
+        whichever connection brings it first; one ahead of the book waits for the other), then
+        close the old one. None if the new one cannot be opened: the caller reconnects."""
+        await asyncio.sleep(self._pacer.reserve())
+        try:
+            new = await connect(self.url, **_CONNECT_OPTIONS)
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self._metrics.count_error(ErrorKind.CONNECT)
+            log.warning(
+                "feed_rotation_failed", extra={"fields": {"shard": self.index, "error": repr(exc)}}
+            )
+            return None
+        self.connections += 1
+        symbols = self._own_symbols()
+        self._pipeline.begin_overlap(symbols)
+        old_reader = asyncio.create_task(self._consume(old, math.inf))
+        replacement: ClientConnection | None = new
+        try:
+            async with asyncio.timeout(_ROTATION_OVERLAP_S):
+                await self._consume(new, math.inf)
+            replacement = None  # it closed during the overlap
+        except TimeoutError:
+            pass  # the overlap is over: the new connection takes over
+        except ConnectionClosed:
+            replacement = None
+        finally:
+            old_reader.cancel()
+            await asyncio.wait([old_reader])
+            if not old_reader.cancelled() and old_reader.exception() is not None:
+                log.info(
+                    "feed_old_connection_closed_early",
+                    extra={"fields": {"shard": self.index, "error": repr(old_reader.exception())}},
+                )
+            await old.close()
+            if replacement is None:
+                # The replacement died during the overlap: the caller reconnects and resyncs.
+                await new.close()
+            for symbol in self._pipeline.end_overlap(symbols):
+                self._request_snapshot(symbol)
+        log.info(
+            "feed_rotated",
+            extra={
+                "fields": {
+                    "shard": self.index,
+                    "ok": replacement is not None,
+                    "streams": len(symbols),
+                }
+            },
+        )
+        return replacement
+
     def _own_symbols(self) -> list[str]:
         """This shard's symbols the pipeline still has (a delisted one may be gone)."""
         return [s for s in self.symbols if self._pipeline.book(s) is not None]
 
-    async def _consume(self, ws: ClientConnection) -> bool:
-        """Hand frames to the pipeline; True when the connection reached its maximum age."""
-        deadline = time.monotonic() + self._settings.ws_max_age_s
+    async def _consume(self, ws: ClientConnection, max_age_s: float) -> bool:
+        """Hand frames to the pipeline; True once ``max_age_s`` have passed, False when the
+        connection closed cleanly."""
+        deadline = time.monotonic() + max_age_s
         pipeline = self._pipeline
         tap = self._tap
         count = 0
@@ -396,7 +454,7 @@ class Shard:
                     return True
         return False
 
-    async def _watchdog(self, ws: ClientConnection) -> None:
+    async def _watchdog(self) -> None:
         """Close a connection that delivers nothing for `feed_stall_s`: the server may keep it
         open and answer pings while sending no data, and the books would silently rot."""
         stall = self._settings.feed_stall_s
@@ -409,7 +467,8 @@ class Shard:
                     "feed_stalled",
                     extra={"fields": {"shard": self.index, "silent_s": round(silent, 1)}},
                 )
-                await ws.close(code=1001, reason="stalled")
+                if self._ws is not None:
+                    await self._ws.close(code=1001, reason="stalled")
                 return
 
     def _connect_failed(self, exc: Exception) -> Exception | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
@@ -30,6 +31,8 @@ __all__ = ["Pipeline", "RowSink", "TickSink", "wap"]
 log = logging.getLogger(__name__)
 
 _PREVIEW_CHARS = 200
+# Events of one symbol held during a rotation while the other connection catches up.
+_MAX_HELD = 10_000
 
 
 class RowSink(Protocol):
@@ -82,6 +85,9 @@ class Pipeline:
         self._bad_frames = LogLimiter()
         self._current: BookSync | None = None  # the book the frame being handled changes
         self._audits: dict[str, BookAudit] = {}
+        # Symbols two connections deliver (a rotation), and events held there meanwhile.
+        self._overlap: set[str] = set()
+        self._held: dict[str, deque[tuple[DepthEvent, float]]] = {}
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -152,7 +158,9 @@ class Pipeline:
             if sync is None:
                 continue
             self._audits.pop(sync.symbol, None)
-            discarded = sync.reset()
+            self._overlap.discard(sync.symbol)
+            held = len(self._held.pop(sync.symbol, ()))
+            discarded = sync.reset() + held
             if discarded:
                 self._metrics.count_loss(LossReason.DELISTED, discarded)
             self._stale_since.pop(sync.symbol, None)
@@ -231,6 +239,10 @@ class Pipeline:
             if reason is LossReason.SHUTDOWN:
                 self._close_ledger(sync)
             self._audits.pop(sync.symbol, None)
+            held = self._held.pop(sync.symbol, None)
+            if held:
+                self._metrics.count_loss(reason, len(held))
+            self._overlap.discard(sync.symbol)
             discarded = sync.reset()
             if discarded:
                 self._metrics.count_loss(reason, discarded)
@@ -269,6 +281,11 @@ class Pipeline:
             )
             return None
         self._current = sync
+        if self._overlap and sync.symbol in self._overlap:
+            return self._overlapping(sync, event, received_at)
+        return self._process(sync, event, received_at)
+
+    def _process(self, sync: BookSync, event: DepthEvent, received_at: float) -> str | None:
         if self._audits:
             audit = self._audits.get(sync.symbol)
             if audit is not None:
@@ -281,6 +298,56 @@ class Pipeline:
             report = self._poll_audit(sync)
             if report is not None and report.result is AuditResult.MISMATCH:
                 return sync.symbol
+        return wants
+
+    # -- connection rotation -----------------------------------------------------------------------
+
+    def begin_overlap(self, symbols: Iterable[str]) -> None:
+        """Two connections now deliver these symbols (a rotation): an event already applied is
+        a duplicate, and one ahead of the book waits for the other connection to catch up
+        instead of counting as a gap."""
+        self._overlap.update(s.upper() for s in symbols if s.upper() in self._syncs)
+
+    def end_overlap(self, symbols: Iterable[str]) -> list[str]:
+        """One connection again: events still held go through the usual rules (a real gap is
+        a gap now). Returns the symbols whose books want a snapshot."""
+        wants = []
+        for symbol in symbols:
+            symbol = symbol.upper()
+            self._overlap.discard(symbol)
+            held = self._held.pop(symbol, None)
+            sync = self._syncs.get(symbol)
+            if not held or sync is None:
+                continue
+            for event, received_at in sorted(held, key=lambda item: item[0].first_update_id):
+                wanted = self._process(sync, event, received_at)
+                if wanted is not None:
+                    wants.append(wanted)
+        return list(dict.fromkeys(wants))
+
+    def _overlapping(self, sync: BookSync, event: DepthEvent, received_at: float) -> str | None:
+        local = sync.last_update_id
+        if local is None:
+            return self._process(sync, event, received_at)
+        if event.last_update_id <= local:
+            self._metrics.count_loss(LossReason.DUPLICATE)
+            return None
+        held = self._held.setdefault(sync.symbol, deque())
+        if event.first_update_id > local + 1 and len(held) < _MAX_HELD:
+            held.append((event, received_at))
+            return None
+        wants = self._process(sync, event, received_at)
+        # The other connection caught up: what it was ahead with continues the book now.
+        while held and (local := sync.last_update_id) is not None:
+            first, at = held[0]
+            if first.last_update_id <= local:
+                held.popleft()
+                self._metrics.count_loss(LossReason.DUPLICATE)
+            elif first.first_update_id <= local + 1:
+                held.popleft()
+                wants = self._process(sync, first, at) or wants
+            else:
+                break
         return wants
 
     def _handle(
