@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -101,3 +102,26 @@ def test_serve_with_a_bad_setting_exits_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "SMA_SHORT" in lines[0]
+
+
+def test_config_command_prints_the_settings_with_secrets_masked() -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": "postgresql://admin:S3cr3tPW@db.example:5432/x",
+        "REDIS_URL": "redis://:R3disPW@cache:6379/0",
+        "SYMBOLS": "btcusdt,*fdusd",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "depthflow", "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd="/",
+    )
+    assert "S3cr3tPW" not in done.stdout and "R3disPW" not in done.stdout
+    shown = json.loads(done.stdout)
+    assert shown["DATABASE_URL"] == "postgresql+asyncpg://admin:***@db.example:5432/x"
+    assert shown["SYMBOLS"] == ["btcusdt", "*fdusd"]
+    assert shown["STREAMS_PER_CONNECTION"] == 200

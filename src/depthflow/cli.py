@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from depthflow.config import Settings, SettingsError, load_settings
+from depthflow import __version__
+from depthflow.config import Settings, SettingsError, load_settings, mask_url
 from depthflow.logs import configure_logging
 
 __all__ = ["main"]
@@ -38,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"depthflow {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="print the effective settings (secrets masked)")
+    config.set_defaults(run=_config)
 
     serve = commands.add_parser("serve", help="run the service (feed + HTTP)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -116,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("file", type=Path)
     replay.set_defaults(run=_replay)
     return parser
+
+
+def _config(settings: Settings, args: argparse.Namespace) -> int:
+    shown = {
+        name.upper(): mask_url(value) if isinstance(value, str) else value
+        for name, value in settings.model_dump(mode="json").items()
+    }
+    print(json.dumps(shown, indent=2))
+    return 0
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
