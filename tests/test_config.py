@@ -120,7 +120,8 @@ def test_config_command_prints_the_settings_with_secrets_masked() -> None:
         check=True,
         cwd="/",
     )
-    assert "S3cr3tPW" not in done.stdout and "R3disPW" not in done.stdout
+    assert "S3cr3tPW" not in done.stdout
+    assert "R3disPW" not in done.stdout
     shown = json.loads(done.stdout)
     assert shown["DATABASE_URL"] == "postgresql+asyncpg://admin:***@db.example:5432/x"
     assert shown["SYMBOLS"] == ["btcusdt", "*fdusd"]

@@ -263,7 +263,7 @@ def test_events_buffered_at_shutdown_are_recorded_as_a_shutdown_hole(parts: Any)
     assert [(g[1], g[2], g[5]) for g in rows.gaps] == [(102, 160, "shutdown")]
 
 
-# -- rotation: two connections deliver the same events for a while ----------------------------------
+# -- rotation: two connections deliver the same events for a while -------------------------------
 
 
 def test_during_an_overlap_each_event_is_applied_once_whichever_connection_brings_it(
