@@ -36,6 +36,7 @@ from depthflow.rest import RestError, RestScheduler
 from depthflow.signals import Analytics
 from depthflow.storage.db import make_engine
 from depthflow.storage.edges import stored_edges
+from depthflow.storage.maintenance import prune_batch_markers
 from depthflow.storage.writer import BatchWriter
 from depthflow.supervisor import Supervisor
 from depthflow.symbols import SymbolsError, is_pattern, listed_symbols, resolve
@@ -52,6 +53,7 @@ _CHECK_INTERVAL_S = 0.5
 _CHECK_MAX_AGE_S = 3.0
 _SHUTDOWN_BUDGET_S = 60.0
 _RESTORE_RETRY_MAX_S = 30.0
+_MAINTENANCE_INTERVAL_S = 3600.0
 # How long an audit snapshot may wait for the live book to reach its update id.
 _AUDIT_WAIT_S = 10.0
 
@@ -181,6 +183,7 @@ class Service:
             await self._resolve_symbols_at_start()
             sup.start("symbols", self._refresh_symbols_forever)
         sup.start("restore", self._restore_edges, oneshot=True)
+        sup.start("maintenance", self._maintain_forever)
         if self.feed is not None:
             sup.start("feed", self.feed.run)
             if self.settings.audit_interval_s > 0:
@@ -207,6 +210,7 @@ class Service:
             ("audit", lambda: sup.cancel("audit")),
             ("restore", lambda: sup.cancel("restore")),
             ("health", lambda: sup.cancel("health")),
+            ("maintenance", lambda: sup.cancel("maintenance")),
             ("books", self._discard_books),
             ("analytics", self.analytics.stop),
             ("analytics_task", lambda: sup.join("analytics", self._left(deadline))),
@@ -294,6 +298,20 @@ class Service:
                 "symbols_joined",
                 extra={"fields": {"count": len(joined), "symbols": joined[:50]}},
             )
+
+    # -- housekeeping ------------------------------------------------------------------------------
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            try:
+                deleted = await prune_batch_markers(self.engine)
+            except Exception as exc:
+                # The database may be away: the next round tries again.
+                log.warning("maintenance_failed", extra={"fields": {"error": repr(exc)}})
+            else:
+                if deleted:
+                    log.info("batch_markers_pruned", extra={"fields": {"rows": deleted}})
+            await asyncio.sleep(_MAINTENANCE_INTERVAL_S)
 
     # -- audits ------------------------------------------------------------------------------------
 

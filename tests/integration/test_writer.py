@@ -16,6 +16,7 @@ from depthflow.metrics import Metrics
 from depthflow.records import OrderRow, SignalRow, TickRow
 from depthflow.storage import db
 from depthflow.storage.batches import Batch, write_batch
+from depthflow.storage.maintenance import prune_batch_markers
 from depthflow.storage.writer import BatchWriter, WriteBatch
 from tests.tcp_proxy import TcpProxy
 
@@ -375,3 +376,24 @@ async def test_an_unexpected_driver_error_does_not_kill_the_writer(harness: Harn
     assert harness.metrics.errors["database"] == 1
     assert await count(harness.url, "price_ticks") == 2
     assert writer.healthy
+
+
+async def test_old_batch_markers_are_pruned_and_recent_ones_kept(clean_db: str) -> None:
+    conn = await asyncpg.connect(db.asyncpg_dsn(clean_db))
+    try:
+        await conn.execute(
+            "INSERT INTO ingest_batches (batch_id, rows, written_at) "
+            "SELECT gen_random_uuid(), 1, now() - make_interval(days => 2)"
+            " FROM generate_series(1, 25)"
+        )
+        await conn.execute(
+            "INSERT INTO ingest_batches (batch_id, rows) VALUES (gen_random_uuid(), 1)"
+        )
+        engine = db.make_engine(clean_db, pool_size=1)
+        try:
+            assert await prune_batch_markers(engine, chunk=10) == 25
+        finally:
+            await engine.dispose()
+        assert await conn.fetchval("SELECT count(*) FROM ingest_batches") == 1
+    finally:
+        await conn.close()
