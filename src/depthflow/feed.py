@@ -137,7 +137,9 @@ class Feed:
         self._wait_capacity = wait_capacity
         self._tap = tap
         self._pacer = ConnectPacer(settings.connect_interval_s)
-        self._symbols: list[str] = [s.upper() for s in (symbols or settings.symbols)]
+        # An empty list is a real answer (only patterns, resolved later), not "use the settings".
+        chosen = settings.symbols if symbols is None else symbols
+        self._symbols: list[str] = [s.upper() for s in chosen]
         self.shards: list[Shard] = []
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None

@@ -83,6 +83,7 @@ class Pipeline:
         # Events refused by a full sync buffer in the current episode, per symbol.
         self._sync_overflow: dict[str, int] = {}
         self._bad_frames = LogLimiter()
+        self._gap_lines = LogLimiter()
         self._current: BookSync | None = None  # the book the frame being handled changes
         self._audits: dict[str, BookAudit] = {}
         # Symbols two connections deliver (a rotation), and events held there meanwhile.
@@ -514,6 +515,11 @@ class Pipeline:
     def _record_gap(self, row: GapRow) -> None:
         symbol, first, last, _, _, reason = row
         self._writer.add_gap(row)
+        # Every gap is a row; the log gets at most 10 lines a minute per reason (an overflow
+        # episode of the whole market makes hundreds a second).
+        held = self._gap_lines.allow(reason)
+        if held is None:
+            return
         log.warning(
             "data_gap",
             extra={
@@ -523,6 +529,7 @@ class Pipeline:
                     "to_update_id": last,
                     "missing": last - first + 1,
                     "reason": reason,
+                    "similar_not_logged": held,
                 }
             },
         )

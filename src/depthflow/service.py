@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -65,7 +65,6 @@ class Checks:
     at: float  # monotonic time it was computed
     database: CheckState = CheckState.OK
     redis: CheckState = CheckState.DISABLED
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Service:
@@ -420,6 +419,8 @@ class Service:
             "database": CheckState.STALLED if stale else self.database_state(),
             "redis": CheckState.STALLED if stale else self._checks.redis,
             "feed": self.feed_state(),
+            # Live, not from the cached result: a book's state is a dict read, and callers act
+            # on it at once (wait until live, then send).
             "books": self.books_state(),
             "connections": self.feed.shard_states() if self.feed is not None else {},
             "tasks": self.supervisor.states(),
