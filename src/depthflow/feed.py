@@ -269,6 +269,7 @@ class Shard:
         self.state = FeedState.DISCONNECTED
         self.connections = 0
         self._ws: ClientConnection | None = None
+        self._dialing = ""  # the URL the connect loop uses
         # Monotonic time of the last frame (or of the connect, before the first frame).
         self.last_frame_at = time.monotonic()
 
@@ -294,29 +295,45 @@ class Shard:
                 task.cancel()
 
     async def run(self) -> None:
-        """Consume this shard's streams forever, reconnecting as needed; cancel to stop."""
-        closes = backoff_delays()
+        """Consume this shard's streams forever, reconnecting as needed; cancel to stop.
+
+        The URL names the shard's streams: when they change (a delisting), the connect loop is
+        left and entered again with the new URL rather than retrying the old one forever.
+        """
         await asyncio.sleep(self._pacer.reserve())
         try:
-            async for ws in connect(
-                self.url,
-                reconnect_delays=lambda: self._pacer.paced(backoff_delays()),
-                process_exception=self._connect_failed,
-                **_CONNECT_OPTIONS,
-            ):
-                started = time.monotonic()
-                await self._connection(ws)
-                if time.monotonic() - started > _STABLE_AFTER_S:
-                    closes = backoff_delays()
-                delay = max(next(closes), self._pacer.reserve())
-                log.info(
-                    "feed_reconnecting",
-                    extra={"fields": {"shard": self.index, "delay_s": round(delay, 3)}},
-                )
-                await asyncio.sleep(delay)
+            while True:
+                self._dialing = self.url
+                try:
+                    await self._connect_loop(self._dialing)
+                except (OSError, TimeoutError, InvalidHandshake):
+                    if self.url == self._dialing:
+                        raise
+                    log.info("feed_streams_changed", extra={"fields": {"shard": self.index}})
         finally:
             self.state = FeedState.DISCONNECTED
             await self._cancel_snapshots()
+
+    async def _connect_loop(self, url: str) -> None:
+        closes = backoff_delays()
+        async for ws in connect(
+            url,
+            reconnect_delays=lambda: self._pacer.paced(backoff_delays()),
+            process_exception=self._connect_failed,
+            **_CONNECT_OPTIONS,
+        ):
+            started = time.monotonic()
+            await self._connection(ws)
+            if time.monotonic() - started > _STABLE_AFTER_S:
+                closes = backoff_delays()
+            delay = max(next(closes), self._pacer.reserve())
+            log.info(
+                "feed_reconnecting",
+                extra={"fields": {"shard": self.index, "delay_s": round(delay, 3)}},
+            )
+            await asyncio.sleep(delay)
+            if self.url != url:
+                return
 
     async def _connection(self, ws: ClientConnection) -> None:
         """One connection's life: resync, then frames until it closes. At its maximum age it is
@@ -477,6 +494,8 @@ class Shard:
         """websockets asks whether a failed connect is worth retrying: always, but a bad URI."""
         if isinstance(exc, InvalidURI):
             return exc
+        if self.url != self._dialing:
+            return exc  # the streams changed: `run` dials the new URL
         self._metrics.count_error(ErrorKind.CONNECT)
         log.warning(
             "feed_connect_failed", extra={"fields": {"shard": self.index, "error": repr(exc)}}

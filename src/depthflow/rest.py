@@ -338,6 +338,7 @@ class RestScheduler:
         self._budget = WeightBudget(
             weight_per_minute, window_s=window_s, margin_s=boundary_margin_s
         )
+        self._audit_fraction = audit_fraction
         self._audit_ceiling = max(1, math.floor(weight_per_minute * audit_fraction))
         self._pause = Pause()
         self._heap: list[tuple[int, int, _Request]] = []
@@ -363,6 +364,18 @@ class RestScheduler:
     def used_weight(self) -> int:
         """Best estimate of the IP's weight used in the current window."""
         return self._budget.used(self._wall())
+
+    def limit_to(self, weight_per_minute: int) -> None:
+        """Never plan above the exchange's own limit (its exchangeInfo ``REQUEST_WEIGHT``): a
+        budget set higher than that would run into 429s, and requests already in flight when
+        the 429 comes back can earn a ban."""
+        if 0 < weight_per_minute < self._budget.limit:
+            log.info(
+                "rest_budget_lowered",
+                extra={"fields": {"from": self._budget.limit, "to": weight_per_minute}},
+            )
+            self._budget.limit = weight_per_minute
+            self._audit_ceiling = max(1, math.floor(weight_per_minute * self._audit_fraction))
 
     @property
     def paused_s(self) -> float:
@@ -619,7 +632,8 @@ class RestScheduler:
             self._metrics.add_rest_banned(added)
         else:
             self._metrics.add_rest_throttled(added)
-        if not was_paused:
+        if not was_paused or banned:
+            # A ban is always worth a line, even inside a pause: it means we were too late.
             log.warning(
                 "rest_banned" if banned else "rest_throttled",
                 extra={

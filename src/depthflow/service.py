@@ -39,7 +39,13 @@ from depthflow.storage.edges import stored_edges
 from depthflow.storage.maintenance import prune_batch_markers
 from depthflow.storage.writer import BatchWriter
 from depthflow.supervisor import Supervisor
-from depthflow.symbols import SymbolsError, is_pattern, listed_symbols, resolve
+from depthflow.symbols import (
+    SymbolsError,
+    is_pattern,
+    listed_symbols,
+    request_weight_per_minute,
+    resolve,
+)
 
 __all__ = ["Checks", "Service"]
 
@@ -109,6 +115,7 @@ class Service:
         )
         # Plain names are followed from the start; patterns join once exchangeInfo resolved them.
         self._symbol_spec = settings.symbols
+        self._resolved = False
         names = [s.upper() for s in settings.symbols if not is_pattern(s)]
         self.pipeline = Pipeline(
             names,
@@ -163,6 +170,10 @@ class Service:
         """Start every task; if a step fails, what was started is stopped before re-raising."""
         try:
             await self._start()
+        except SymbolsError:
+            # Already said in one line (symbols_not_listed): a configuration error, not a bug.
+            await self.stop()
+            raise
         except BaseException:
             log.error("service_start_failed", exc_info=True)
             await self.stop()
@@ -253,7 +264,11 @@ class Service:
     async def _listed_symbols(self) -> dict[str, str] | None:
         """Symbol -> status from exchangeInfo, or None when it cannot be had now."""
         try:
-            return listed_symbols(await self.rest.exchange_info())
+            body = await self.rest.exchange_info()
+            limit = request_weight_per_minute(body)
+            if limit is not None:
+                self.rest.limit_to(limit)
+            return listed_symbols(body)
         except (RestError, msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             log.warning("exchange_info_failed", extra={"fields": {"error": repr(exc)}})
             return None
@@ -271,9 +286,10 @@ class Service:
             log.critical("symbols_not_listed", extra={"fields": {"symbols": exc.missing}})
             raise
         self._apply_symbols(chosen)
+        self._resolved = True
 
     async def _refresh_symbols_forever(self) -> None:
-        resolved = not any(is_pattern(s) for s in self._symbol_spec)
+        resolved = self._resolved or not any(is_pattern(s) for s in self._symbol_spec)
         while True:
             # Until patterns resolved once, retry soon: a pattern alone follows nothing yet.
             await asyncio.sleep(self.settings.symbols_refresh_s if resolved else 5.0)

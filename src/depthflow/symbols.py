@@ -13,7 +13,13 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-__all__ = ["SymbolsError", "is_pattern", "listed_symbols", "resolve"]
+__all__ = [
+    "SymbolsError",
+    "is_pattern",
+    "listed_symbols",
+    "request_weight_per_minute",
+    "resolve",
+]
 
 TRADING = "TRADING"
 
@@ -31,11 +37,27 @@ class _Symbol(msgspec.Struct):
     status: str
 
 
+class _RateLimit(msgspec.Struct):
+    rateLimitType: str
+    interval: str
+    intervalNum: int
+    limit: int
+
+
 class _ExchangeInfo(msgspec.Struct):
     symbols: list[_Symbol]
+    rateLimits: list[_RateLimit] = msgspec.field(default_factory=list)
 
 
 _decoder = msgspec.json.Decoder(_ExchangeInfo)
+
+
+def request_weight_per_minute(body: str | bytes) -> int | None:
+    """The ``REQUEST_WEIGHT`` limit per minute that exchangeInfo announces, if any."""
+    for limit in _decoder.decode(body).rateLimits:
+        if limit.rateLimitType == "REQUEST_WEIGHT" and limit.interval == "MINUTE":
+            return limit.limit // max(1, limit.intervalNum)
+    return None
 
 
 def is_pattern(spec: str) -> bool:
