@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -11,8 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def exchange_env(
@@ -100,3 +103,27 @@ class ServeProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text()
+
+
+# -- reading a running service ---------------------------------------------------------------------
+
+
+def log_lines(serve: ServeProcess) -> list[dict[str, Any]]:
+    """Every JSON log line the service printed so far."""
+    return [json.loads(line) for line in serve.log_text().splitlines() if line.startswith("{")]
+
+
+def events_named(serve: ServeProcess, event: str) -> list[dict[str, Any]]:
+    return [line for line in log_lines(serve) if line.get("event") == event]
+
+
+async def prometheus(client: httpx.AsyncClient) -> dict[str, float]:
+    """``/prometheus`` samples as ``{'name{label="v"}': value}`` (labels in the key only if any)."""
+    response = await client.get("/prometheus")
+    assert response.status_code == 200
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,13 +19,17 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.simulate.market import Market
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
 from tests.integration.private_services import PrivatePostgres, PrivateRedis
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.integration.serve_process import (
+    ServeProcess,
+    events_named,
+    exchange_env,
+    prometheus,
+)
 from tests.ledger_check import assert_sequence_covered
 
 SYMBOLS = ("btcusdt", "ethusdt")
@@ -88,18 +91,6 @@ async def stop_serve(serve: ServeProcess) -> None:
         await serve.stop()
 
 
-def log_lines(serve: ServeProcess) -> list[dict[str, Any]]:
-    lines = []
-    for line in serve.log_text().splitlines():
-        if line.startswith("{"):
-            lines.append(json.loads(line))
-    return lines
-
-
-def events_named(serve: ServeProcess, event: str) -> list[dict[str, Any]]:
-    return [line for line in log_lines(serve) if line.get("event") == event]
-
-
 async def terminate(serve: ServeProcess) -> dict[str, Any]:
     """SIGTERM the service; the counters of its final ``service_stopped`` log line."""
     code = await serve.stop()
@@ -108,18 +99,6 @@ async def terminate(serve: ServeProcess) -> dict[str, Any]:
     stopped = events_named(serve, "service_stopped")
     assert len(stopped) == 1, serve.log_text()
     return stopped[0]
-
-
-async def prometheus(client: httpx.AsyncClient) -> dict[str, float]:
-    """``/prometheus`` samples as ``{'name{label="v"}': value}`` (labels in the key only if any)."""
-    response = await client.get("/prometheus")
-    assert response.status_code == 200
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 async def ticks_now(client: httpx.AsyncClient) -> float:

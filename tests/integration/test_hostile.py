@@ -22,7 +22,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.storage import db
 from tests.conftest import PG_SERVER_URL, _unavailable
@@ -34,7 +33,12 @@ from tests.integration.hostile_exchange import (
     SnapshotReply,
     nested,
 )
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.integration.serve_process import (
+    ServeProcess,
+    events_named,
+    exchange_env,
+    prometheus,
+)
 from tests.ledger_check import Span, assert_sequence_covered, check_coverage
 
 pytestmark = pytest.mark.services
@@ -116,26 +120,6 @@ async def _stop_quietly(serve: ServeProcess) -> None:
 
 
 # -- reading the service -------------------------------------------------------------------------
-
-
-def log_lines(serve: ServeProcess) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in serve.log_text().splitlines() if line.startswith("{")]
-
-
-def events_named(serve: ServeProcess, event: str) -> list[dict[str, Any]]:
-    return [line for line in log_lines(serve) if line.get("event") == event]
-
-
-async def prometheus(client: httpx.AsyncClient) -> dict[str, float]:
-    """``/prometheus`` samples as ``{'name{label="v"}': value}``."""
-    response = await client.get("/prometheus")
-    assert response.status_code == 200
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 async def sample(client: httpx.AsyncClient, key: str) -> float:

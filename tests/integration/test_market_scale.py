@@ -23,14 +23,19 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.feed import shard_symbols
 from depthflow.simulate.connections import Subscriber
 from depthflow.simulate.server import Simulator
 from depthflow.simulate.weight import Verdict
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.integration.serve_process import (
+    ServeProcess,
+    events_named,
+    exchange_env,
+    log_lines,
+    prometheus,
+)
 from tests.ledger_check import assert_sequence_covered
 
 MINUTE = 60.0
@@ -163,19 +168,6 @@ async def stop_serve(serve: ServeProcess) -> None:
             serve._log.close()
 
 
-def log_lines(serve: ServeProcess) -> list[dict[str, Any]]:
-    lines = []
-    for line in serve.log_text().splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                lines.append(json.loads(line))
-    return lines
-
-
-def events_named(serve: ServeProcess, event: str) -> list[dict[str, Any]]:
-    return [line for line in log_lines(serve) if line.get("event") == event]
-
-
 def error_lines(serve: ServeProcess) -> list[dict[str, Any]]:
     return [line for line in log_lines(serve) if line.get("level") in {"ERROR", "CRITICAL"}]
 
@@ -187,17 +179,6 @@ async def terminate(serve: ServeProcess) -> dict[str, Any]:
     stopped = events_named(serve, "service_stopped")
     assert len(stopped) == 1, serve.log_text()[-5000:]
     return stopped[0]
-
-
-async def prometheus(client: httpx.AsyncClient) -> dict[str, float]:
-    response = await client.get("/prometheus")
-    assert response.status_code == 200
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], wait_s: float, what: str) -> None:

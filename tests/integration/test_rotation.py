@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +14,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.integration.serve_process import ServeProcess, events_named, exchange_env, prometheus
 from tests.ledger_check import assert_sequence_covered
 
 SYMBOLS = ("btcusdt", "ethusdt")
@@ -34,19 +32,8 @@ async def running() -> AsyncIterator[contextlib.AsyncExitStack]:
         yield stack
 
 
-async def samples(client: httpx.AsyncClient) -> dict[str, float]:
-    text = (await client.get("/prometheus")).text
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
-
-
 def rotations(serve: ServeProcess) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in serve.log_text().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == "feed_rotated"]
+    return events_named(serve, "feed_rotated")
 
 
 async def test_rotation_fetches_no_snapshot_and_loses_no_event(
@@ -82,7 +69,7 @@ async def test_rotation_fetches_no_snapshot_and_loses_no_event(
         await sim.stop()  # the exchange goes quiet: everything sent is in flight or handled
         last = -1.0
         while True:
-            now = await samples(client)
+            now = await prometheus(client)
             if now["depthflow_messages_total"] == last:
                 break
             last = now["depthflow_messages_total"]
