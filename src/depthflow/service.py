@@ -57,7 +57,8 @@ _PROBE_TIMEOUT_S = 1.0
 _CHECK_INTERVAL_S = 0.5
 # A result older than this means the checker itself is stuck: say so rather than trust it.
 _CHECK_MAX_AGE_S = 3.0
-_SHUTDOWN_BUDGET_S = 60.0
+# Inside compose's 40 s stop_grace_period: the writer's final flush gets about 30 s of it.
+_SHUTDOWN_BUDGET_S = 35.0
 _RESTORE_RETRY_MAX_S = 30.0
 _MAINTENANCE_INTERVAL_S = 3600.0
 # How long an audit snapshot may wait for the live book to reach its update id.
@@ -209,7 +210,7 @@ class Service:
         """Stop in data-flow order so every computed row is flushed before the connections close.
 
         Each step is isolated (one that fails or hangs is logged and the next runs) and all of
-        them share one budget.
+        them share one budget (`_SHUTDOWN_BUDGET_S`).
         """
         sup = self.supervisor
         sup.stop_watching()
