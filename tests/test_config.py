@@ -35,14 +35,14 @@ def test_symbols_are_split_lowercased_and_deduplicated(monkeypatch: pytest.Monke
     monkeypatch.setenv("SYMBOLS", " BTCUSDT,ethusdt, btcusdt ,")
     s = load_settings()
     assert s.symbols == ("btcusdt", "ethusdt")
-    assert s.stream_url == (
+    assert s.stream_url(s.symbols) == (
         "wss://stream.binance.com:9443/stream?streams=btcusdt@depth@100ms/ethusdt@depth@100ms"
     )
 
 
 def test_slow_interval_uses_the_plain_depth_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEPTH_INTERVAL_MS", "1000")
-    assert load_settings().stream_names == ["btcusdt@depth"]
+    assert load_settings().stream_url(["BTCUSDT"]).endswith("/stream?streams=btcusdt@depth")
 
 
 def test_plain_postgres_url_gets_the_async_driver(monkeypatch: pytest.MonkeyPatch) -> None:

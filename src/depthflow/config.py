@@ -7,6 +7,7 @@ reads the environment.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -134,16 +135,12 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def stream_names(self) -> list[str]:
+    def stream_url(self, symbols: Sequence[str]) -> str:
+        """The combined-stream URL of ``symbols`` (one connection's worth)."""
         # Binance documents `<symbol>@depth` (1000 ms) and `<symbol>@depth@100ms`.
         suffix = "@depth@100ms" if self.depth_interval_ms == 100 else "@depth"
-        return [f"{s}{suffix}" for s in self.symbols]
-
-    @property
-    def stream_url(self) -> str:
-        base = self.binance_ws_url.rstrip("/")
-        return f"{base}/stream?streams={'/'.join(self.stream_names)}"
+        streams = "/".join(f"{s.lower()}{suffix}" for s in symbols)
+        return f"{self.binance_ws_url.rstrip('/')}/stream?streams={streams}"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -275,9 +275,7 @@ class Shard:
 
     @property
     def url(self) -> str:
-        suffix = "@depth@100ms" if self._settings.depth_interval_ms == 100 else "@depth"
-        streams = "/".join(f"{s.lower()}{suffix}" for s in self.symbols)
-        return f"{self._settings.binance_ws_url.rstrip('/')}/stream?streams={streams}"
+        return self._settings.stream_url(self.symbols)
 
     @property
     def stalled(self) -> bool:
