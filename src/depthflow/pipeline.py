@@ -158,13 +158,7 @@ class Pipeline:
             sync = self._syncs.pop(symbol.upper(), None)
             if sync is None:
                 continue
-            self._audits.pop(sync.symbol, None)
-            self._overlap.discard(sync.symbol)
-            held = len(self._held.pop(sync.symbol, ()))
-            discarded = sync.reset() + held
-            if discarded:
-                self._metrics.count_loss(LossReason.DELISTED, discarded)
-            self._stale_since.pop(sync.symbol, None)
+            self._discard(sync, LossReason.DELISTED)
             removed.append(sync.symbol)
         return removed
 
@@ -239,21 +233,23 @@ class Pipeline:
             was = sync.state
             if reason is LossReason.SHUTDOWN:
                 self._close_ledger(sync)
-            self._audits.pop(sync.symbol, None)
-            held = self._held.pop(sync.symbol, None)
-            if held:
-                self._metrics.count_loss(reason, len(held))
-            self._overlap.discard(sync.symbol)
-            discarded = sync.reset()
-            if discarded:
-                self._metrics.count_loss(reason, discarded)
+            self._discard(sync, reason)
             if was is not SyncState.WAITING:
                 self.ledger.note(sync.symbol, gap_reason)
                 if reason is LossReason.RECONNECT:
                     self._metrics.count_resync(ResyncReason.RECONNECT)
-            self._stale_since.pop(sync.symbol, None)
         if not any(sync.buffered for sync in self._syncs.values()):
             self._buffered_at.clear()
+
+    def _discard(self, sync: BookSync, reason: LossReason) -> None:
+        """Drop a book and everything kept for it (audit, rotation overlap, held and buffered
+        events, stale timer); the events that will never be handled count as lost."""
+        self._audits.pop(sync.symbol, None)
+        self._overlap.discard(sync.symbol)
+        self._stale_since.pop(sync.symbol, None)
+        lost = len(self._held.pop(sync.symbol, ())) + sync.reset()
+        if lost:
+            self._metrics.count_loss(reason, lost)
 
     def _close_ledger(self, sync: BookSync) -> None:
         last = sync.last_buffered
