@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 import redis.asyncio as aioredis
 
 from depthflow.simulate.market import Market
@@ -61,13 +60,6 @@ def serve_env(
             **extra,
         },
     )
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[contextlib.AsyncExitStack]:
-    """Stops what a test starts (the service before the simulator), whatever happens."""
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
 
 
 async def start_simulator(running: contextlib.AsyncExitStack, **kwargs: Any) -> Simulator:

@@ -25,12 +25,6 @@ HEADER_TIMEOUT_S = 1.0
 MARGIN_S = 20.0
 
 
-@pytest.fixture
-async def running() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
-
-
 async def start_serve(
     running: contextlib.AsyncExitStack,
     tmp_path: Path,

@@ -114,13 +114,6 @@ def subscriber_of(sim: Simulator, symbols: list[str]) -> Subscriber:
 # -- the service's side ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def running() -> AsyncIterator[contextlib.AsyncExitStack]:
-    """Stops what a test starts (the service before the simulator), whatever happens."""
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
-
-
 async def start_simulator(
     running: contextlib.AsyncExitStack, symbols: tuple[str, ...] = (), **kwargs: Any
 ) -> Simulator:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
@@ -24,12 +22,6 @@ SYMBOLS = ("btcusdt", "ethusdt")
 MAX_AGE_S = 4.0
 ROTATIONS = 2
 WAIT_S = 120.0
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
 
 
 def rotations(serve: ServeProcess) -> list[dict[str, Any]]:
