@@ -484,3 +484,54 @@ def test_sync_matches_reference_for_contiguous_stream(
     final_bids, final_asks = ref[-1]
     assert sync.last_update_id == len(updates)
     assert_matches(sync.book, final_bids, final_asks)
+
+
+# --- BookSync: a replay that pauses (catching up) ---------------------------------------------
+
+
+def test_events_fed_during_a_paused_replay_queue_behind_it() -> None:
+    sync = BookSync("BTCUSDT")
+    sync.on_event(ev(99, 101, bids=[(10.0, 5.0)]))
+    sync.on_event(ev(102, 102, bids=[(10.0, 6.0)]))
+    replay = sync.on_snapshot(BASE)
+    assert next(replay)[1] is Outcome.APPLIED
+    assert sync.catching_up
+    assert not sync.live
+    assert not sync.needs_snapshot
+    # Arrives while the replay is paused: it continues the buffer, not the half-replayed book.
+    assert sync.on_event(ev(103, 104, bids=[(10.0, 7.0)])) is Outcome.BUFFERED
+    assert sync.state is SyncState.LIVE
+    assert [(e.last_update_id, o) for e, o in replay] == [
+        (102, Outcome.APPLIED),
+        (104, Outcome.APPLIED),
+    ]
+    assert sync.live
+    assert not sync.catching_up
+    assert sync.last_update_id == 104
+    assert sync.book.best_bid() == (10.0, 7.0)
+    assert sync.on_event(ev(105, 105)) is Outcome.APPLIED
+
+
+def test_a_resync_during_a_paused_replay_keeps_the_rest_for_the_next_snapshot() -> None:
+    sync = BookSync("BTCUSDT")
+    for first, last in ((100, 101), (102, 102), (103, 103)):
+        sync.on_event(ev(first, last))
+    replay = sync.on_snapshot(BASE)
+    next(replay)
+    sync.resync()
+    assert list(replay) == []
+    assert sync.state is SyncState.BUFFERING
+    assert sync.needs_snapshot
+    assert [sync.first_buffered_id, sync.buffered] == [102, 2]
+
+
+def test_an_abandoned_replay_leaves_the_book_needing_a_snapshot() -> None:
+    sync = BookSync("BTCUSDT")
+    for first, last in ((100, 101), (102, 102), (103, 103)):
+        sync.on_event(ev(first, last))
+    replay = sync.on_snapshot(BASE)
+    next(replay)
+    replay.close()  # a caller that stopped half way (cancelled, or a bug)
+    assert not sync.live
+    assert sync.needs_snapshot
+    assert sync.buffered == 2  # nothing thrown away: the next snapshot replays it

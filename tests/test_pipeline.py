@@ -295,3 +295,24 @@ def test_a_real_gap_during_an_overlap_counts_when_the_overlap_ends(parts: Any) -
     assert pipeline.end_overlap(["btcusdt"]) == ["BTCUSDT"]
     assert metrics.data_loss == {"gap": 1}
     assert [t[4] for t in rows.ticks] == [101]
+
+
+def test_a_replay_paused_between_steps_interleaves_with_new_frames(parts: Any) -> None:
+    from depthflow.pipeline import REPLAY_STEP
+
+    pipeline, rows, waps, _ = parts
+    buffered = 3 * REPLAY_STEP
+    for i in range(buffered):
+        # The first one overlaps the snapshot's id (100), as Binance's sync rules ask.
+        pipeline.on_frame(frame(100 if i == 0 else 101 + i, 101 + i, b=[(99.0, i + 1.0)]), 1.0)
+    steps = pipeline.load_snapshot("btcusdt", SNAP)
+    assert next(steps) == REPLAY_STEP
+    assert len(rows.ticks) == REPLAY_STEP
+    # A frame arriving while the replay is paused waits its turn; it asks for no snapshot.
+    assert pipeline.on_frame(frame(101 + buffered, 101 + buffered, b=[(99.0, 0.5)]), 2.0) is None
+    assert not pipeline.in_sync
+    assert list(steps) == [2 * REPLAY_STEP, 3 * REPLAY_STEP]
+    assert pipeline.in_sync
+    ids = [tick[4] for tick in rows.ticks]
+    assert ids == list(range(101, 102 + buffered))
+    assert waps.ticks[-1][3] == 101 + buffered

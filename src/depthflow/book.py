@@ -139,7 +139,16 @@ class BookSync:
     When `needs_snapshot` is True, fetch a snapshot and pass it to `on_snapshot`.
     """
 
-    __slots__ = ("_buffer", "_generation", "_local_id", "_max_buffer", "book", "state", "symbol")
+    __slots__ = (
+        "_buffer",
+        "_generation",
+        "_local_id",
+        "_max_buffer",
+        "_replaying",
+        "book",
+        "state",
+        "symbol",
+    )
 
     def __init__(self, symbol: str, *, max_buffer: int = 100_000) -> None:
         if max_buffer < 1:
@@ -153,11 +162,23 @@ class BookSync:
         # Bumped whenever the book is loaded or discarded, so a replay left unfinished stops
         # instead of applying old events to a newer book.
         self._generation = 0
+        # Loaded from a snapshot, the buffer not yet replayed: events queue behind the replay.
+        self._replaying = False
 
     @property
     def last_update_id(self) -> int | None:
-        """The local book's update id while LIVE, else None."""
+        """The local book's update id while LIVE (caught up or not, see `live`), else None."""
         return self._local_id if self.state is SyncState.LIVE else None
+
+    @property
+    def live(self) -> bool:
+        """In sync with the exchange: LIVE, and the replay of the buffer (if any) finished."""
+        return self.state is SyncState.LIVE and not self._replaying
+
+    @property
+    def catching_up(self) -> bool:
+        """LIVE, but still replaying the events buffered before the snapshot."""
+        return self._replaying
 
     @property
     def needs_snapshot(self) -> bool:
@@ -185,12 +206,13 @@ class BookSync:
         On GAP the book is discarded and the event dropped; the state becomes WAITING, so the
         next event is buffered and asks for a new snapshot.
         """
-        if self.state is SyncState.LIVE:
+        if self.state is SyncState.LIVE and not self._replaying:
             return self._apply_live(event)
         if len(self._buffer) >= self._max_buffer:
             return Outcome.OVERFLOW
         self._buffer.append(event)
-        self.state = SyncState.BUFFERING
+        if not self._replaying:
+            self.state = SyncState.BUFFERING
         return Outcome.BUFFERED
 
     def on_snapshot(self, snapshot: Snapshot) -> Iterator[tuple[DepthEvent, Outcome]]:
@@ -202,21 +224,24 @@ class BookSync:
         again). In WAITING (nothing buffered yet, e.g. right after a gap or a reconnect) the book
         is loaded and goes live at once: the next event is then checked by the live rules, which
         is Binance's first-event check, so a stream that pauses after a gap still resyncs.
-        Exhaust the iterator before feeding more events: a replay left unfinished drops the rest
-        of the buffer, and the next live event then reports the hole as a GAP. A `resync` during
-        the replay keeps the rest buffered for the next snapshot.
+
+        The replay may pause between items (a caller yielding to its event loop): events fed
+        meanwhile are buffered behind it and replayed by the same iterator, and `live` turns
+        True only when the buffer is empty. Exhaust the iterator: until then the book is
+        `catching_up`. A `resync` or `reset` during the replay ends it; what is still buffered
+        then waits for the next snapshot.
         """
         if self.state is SyncState.LIVE or (
             self.state is SyncState.BUFFERING
             and snapshot.last_update_id < self._buffer[0].first_update_id
         ):
             return iter(())
-        pending, self._buffer = self._buffer, deque()
         self.book.load(snapshot.bids, snapshot.asks)
         self._local_id = snapshot.last_update_id
         self.state = SyncState.LIVE
         self._generation += 1
-        return self._replay(pending, snapshot.last_update_id, self._generation)
+        self._replaying = bool(self._buffer)
+        return self._replay(snapshot.last_update_id, self._generation)
 
     def reset(self) -> int:
         """Discard the book and the buffer (e.g. after a reconnect); return the events discarded."""
@@ -249,35 +274,35 @@ class BookSync:
         self._local_id = event.last_update_id
         return Outcome.APPLIED
 
-    def _replay(
-        self, pending: deque[DepthEvent], snapshot_id: int, generation: int
-    ) -> Iterator[tuple[DepthEvent, Outcome]]:
-        while pending:
-            if self._generation != generation:
-                # The book was discarded mid-replay (a resync): the rest waits for the next
-                # snapshot, ahead of anything buffered since.
-                pending.extend(self._buffer)
-                self._buffer = pending
-                self.state = SyncState.BUFFERING
-                return
-            event = pending.popleft()
-            # Binance: drop buffered events with u <= lastUpdateId; the snapshot already has them.
-            if event.last_update_id <= snapshot_id:
-                yield event, Outcome.STALE
-                continue
-            outcome = self._apply_live(event)
-            if outcome is Outcome.GAP:
-                # The events after the gap wait for the next snapshot, ahead of any newer ones.
-                pending.extend(self._buffer)
-                self._buffer = pending
-                self.state = SyncState.BUFFERING if pending else SyncState.WAITING
-            yield event, outcome
-            if outcome is Outcome.GAP:
-                return
+    def _replay(self, snapshot_id: int, generation: int) -> Iterator[tuple[DepthEvent, Outcome]]:
+        buffer = self._buffer
+        try:
+            # A resync or reset bumps the generation (and ends the replay, `_discard`): the rest
+            # stays buffered, in order, for the next snapshot.
+            while buffer and self._generation == generation:
+                event = buffer.popleft()
+                # Binance: drop buffered events with u <= lastUpdateId; the snapshot has them.
+                if event.last_update_id <= snapshot_id:
+                    yield event, Outcome.STALE
+                    continue
+                # A GAP discards the book (`_discard`); the events after it wait for the next
+                # snapshot, ahead of any newer ones.
+                outcome = self._apply_live(event)
+                yield event, outcome
+                if outcome is Outcome.GAP:
+                    return
+        finally:
+            if self._generation == generation:
+                if buffer:
+                    # Abandoned half way: the book is behind its buffer, so it is not live.
+                    self._discard()
+                else:
+                    self._replaying = False
 
     def _discard(self) -> None:
         """Drop the book; whatever is still buffered waits for the next snapshot."""
         self.book.clear()
         self._local_id = -1
         self._generation += 1
+        self._replaying = False
         self.state = SyncState.BUFFERING if self._buffer else SyncState.WAITING

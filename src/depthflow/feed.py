@@ -28,6 +28,7 @@ from depthflow.config import Settings
 from depthflow.events import Snapshot, decode_snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
+from depthflow.timeslice import TimeSlice
 
 __all__ = [
     "ConnectPacer",
@@ -42,8 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Hand the loop to other tasks (HTTP routes, writer, analytics) at least this often.
-_YIELD_EVERY = 32
 # A connection that lived this long was healthy: the next reconnect starts the backoff afresh.
 _STABLE_AFTER_S = 30.0
 # Both connections are read this long during a rotation: every symbol's next event (10 per
@@ -451,7 +450,7 @@ class Shard:
         deadline = time.monotonic() + max_age_s
         pipeline = self._pipeline
         tap = self._tap
-        count = 0
+        timeslice = TimeSlice()
         async for raw in ws:
             received_at = time.time()
             self.last_frame_at = time.monotonic()
@@ -462,11 +461,10 @@ class Shard:
             wants = pipeline.on_frame(raw, received_at)
             if wants is not None:
                 self._request_snapshot(wants)
-            count += 1
-            if count % _YIELD_EVERY == 0:
+            if timeslice.due():
                 if self._wait_capacity is not None:
                     await self._wait_capacity()
-                await asyncio.sleep(0)
+                await timeslice.pause()
                 if time.monotonic() >= deadline:
                     return True
         return False
@@ -529,12 +527,21 @@ class Shard:
         delays = backoff_delays(initial=0.05, maximum=10.0)
         while (sync := self._pipeline.book(symbol)) is not None and sync.needs_snapshot:
             fetched = await self._fetch(symbol, reason)
-            if fetched is not None and not self._pipeline.on_snapshot(symbol, fetched):
+            if fetched is not None and not await self._load(symbol, fetched):
                 self._live_once.add(symbol)
                 self._time_to_live[symbol] = time.monotonic() - self._connected_at
                 return
             # Binance: a snapshot older than the first buffered event means "fetch again".
             await asyncio.sleep(next(delays))
+
+    async def _load(self, symbol: str, snapshot: Snapshot) -> bool:
+        """Load a snapshot, replaying the sync buffer in time slices; True while the book
+        still needs a snapshot."""
+        timeslice = TimeSlice()
+        for _ in self._pipeline.load_snapshot(symbol, snapshot):
+            await timeslice.pause_if_due()
+        sync = self._pipeline.book(symbol)
+        return sync is not None and sync.needs_snapshot
 
     async def _fetch(self, symbol: str, reason: SnapshotReason) -> Snapshot | None:
         try:

@@ -262,10 +262,14 @@ class MetricsDocument(TypedDict):
     resyncs: dict[str, int]
     task_restarts: dict[str, int]
     counters_started_at: str | None
+    event_loop_lag_max: float
 
 
 def metrics_document(
-    totals: Mapping[str, float], stats: ProcessStats, percentiles: Mapping[str, float]
+    totals: Mapping[str, float],
+    stats: ProcessStats,
+    percentiles: Mapping[str, float],
+    loop_lag_max: float = 0.0,
 ) -> MetricsDocument:
     """Build the `/metrics` body from `RedisSink.totals()` (or `Metrics.local_totals()`)."""
     count = totals.get("latency_count", 0.0)
@@ -291,6 +295,7 @@ def metrics_document(
         "counters_started_at": (
             None if started_at is None else datetime.fromtimestamp(started_at, UTC).isoformat()
         ),
+        "event_loop_lag_max": loop_lag_max,
     }
 
 

@@ -25,10 +25,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.accounting import CheckState, LossReason, SnapshotReason
-from depthflow.book import SyncState
 from depthflow.config import Settings
 from depthflow.events import decode_snapshot
 from depthflow.feed import Feed, FeedState, Tap
+from depthflow.looplag import LoopLag
 from depthflow.metrics import Metrics, ProcessStats
 from depthflow.pipeline import Pipeline
 from depthflow.redis_sink import RedisSink, create_client
@@ -108,6 +108,7 @@ class Service:
             batch_max_delay_ms=settings.batch_max_delay_ms,
             buffer_max_rows=settings.buffer_max_rows,
         )
+        self.loop_lag = LoopLag()
         self.analytics = Analytics(
             sma_short=settings.sma_short,
             sma_long=settings.sma_long,
@@ -182,6 +183,7 @@ class Service:
 
     async def _start(self) -> None:
         sup = self.supervisor
+        sup.start("looplag", self.loop_lag.run)
         sup.start("rest", self.rest.run)
         sup.start("writer", self.writer.run)
         sup.start("redis", self.redis_sink.run)
@@ -234,6 +236,7 @@ class Service:
             ("redis_client", self._close_redis),
             ("engine", self.engine.dispose),
             ("writer_engine", self._writer_engine.dispose),
+            ("looplag", lambda: sup.cancel("looplag")),
         ]
         for name, step in steps:
             try:
@@ -337,7 +340,7 @@ class Service:
         turn = 0
         while True:
             await asyncio.sleep(self.settings.audit_interval_s)
-            live = [s for s, st in self.pipeline.states().items() if st is SyncState.LIVE]
+            live = [s for s, sync in self.pipeline.syncs.items() if sync.live]
             if not live:
                 continue
             symbol = live[turn % len(live)]
@@ -457,6 +460,16 @@ class Service:
     def _register_gauges(self) -> None:
         m = self.metrics
         m.register_gauge(
+            "depthflow_event_loop_lag_seconds",
+            "How late the last 20 ms timer of the event loop fired",
+            lambda: self.loop_lag.last_s,
+        )
+        m.register_gauge(
+            "depthflow_event_loop_lag_max_seconds",
+            "The largest event-loop lag of the last minute",
+            lambda: self.loop_lag.recent_max(),
+        )
+        m.register_gauge(
             "depthflow_buffered_rows", "Rows waiting for the writer", lambda: self.writer.buffered
         )
         m.register_gauge(
@@ -467,7 +480,7 @@ class Service:
         m.register_gauge(
             "depthflow_book_in_sync",
             "1 when the symbol's local book is live",
-            lambda: {s: float(st is SyncState.LIVE) for s, st in self.pipeline.states().items()},
+            lambda: {s: float(sync.live) for s, sync in self.pipeline.syncs.items()},
             label="symbol",
         )
         m.register_gauge(

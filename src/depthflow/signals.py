@@ -22,6 +22,8 @@ __all__ = ["Analytics", "Position", "Signal", "SignalSink"]
 Signal = Literal["open", "close"]
 
 _log = logging.getLogger("depthflow.signals")
+# Shortest time between two micro-batches: signals come at most this much later than the tick.
+BATCH_INTERVAL_S = 0.05
 
 _Results = list[tuple[indicators.FloatArray, indicators.FloatArray, indicators.CrossArray]]
 
@@ -122,6 +124,11 @@ class Analytics:
                 self._wake.clear()
                 while self._pending_count:
                     await self._process_batch()
+                    if not self._stopping:
+                        # Let ticks gather: the executor thread holds the GIL between kernel
+                        # calls, and back-to-back tiny batches would contend with the event loop
+                        # for it all the time.
+                        await asyncio.sleep(BATCH_INTERVAL_S)
                 if self._stopping:
                     return
         finally:

@@ -83,7 +83,10 @@ async def live(service: ServiceDep) -> Response:
 async def metrics(service: ServiceDep) -> dict[str, Any]:
     totals = await service.redis_sink.totals()
     document = metrics_document(
-        totals, service.process_stats, service.metrics.latency_percentiles()
+        totals,
+        service.process_stats,
+        service.metrics.latency_percentiles(),
+        service.loop_lag.recent_max(),
     )
     return dict(document)
 
