@@ -142,6 +142,7 @@ class Sample:
     buffered_rows: float
     throttled_s: float
     banned_s: float
+    loop_lag_max: float  # the service's own largest event-loop lag of the last minute
     time_to_live: dict[str, float] = field(default_factory=dict)
 
 
@@ -193,6 +194,7 @@ async def sample(client: httpx.AsyncClient) -> Sample:
         buffered_rows=plain.get("depthflow_buffered_rows", 0.0),
         throttled_s=plain.get("depthflow_rest_throttled_seconds_total", 0.0),
         banned_s=plain.get("depthflow_rest_banned_seconds_total", 0.0),
+        loop_lag_max=plain.get("depthflow_event_loop_lag_max_seconds", 0.0),
         time_to_live=by["ttl"],
     )
 
@@ -494,6 +496,7 @@ async def steady_window(
             for k, v in after.rows_written.items()
         },
         "buffered_rows": [before.buffered_rows, after.buffered_rows],
+        "event_loop_lag_max_s": after.loop_lag_max,
         "serve_cpu_cores": (cpu1 - cpu0) / span,
         "simulator_cpu_cores": (sim1 - sim0) / span,
         "postgres_cpu_cores": (pg1 - pg0) / span,
@@ -694,6 +697,8 @@ def report(r: Result) -> str:
          f"{_ms(h['whole_run']['max'])} ({h['whole_run']['n']:,} requests)"],
         ["/health p99 until all live / steady",
          f"{_ms(h['until_all_live']['p99'])} / {_ms(h['steady']['p99'])}"],
+        ["event-loop lag, largest in the last minute (serve's own gauge)",
+         _ms(steady.get("event_loop_lag_max_s", math.nan))],
         ["ticks/s stored (steady window)",
          f"{steady.get('ticks_stored_per_s', math.nan):,.0f} over "
          f"{steady.get('seconds', math.nan):.0f} s"],

@@ -50,3 +50,19 @@ async def test_a_time_slice_yields_only_once_used_up() -> None:
     await timeslice.pause_if_due()
     assert ran == ["other"]
     await task
+
+
+def test_chunked_rows_take_in_order_across_chunks() -> None:
+    from depthflow.storage.buffer import CHUNK_ROWS, ChunkedRows
+
+    rows: ChunkedRows[int] = ChunkedRows()
+    total = 2 * CHUNK_ROWS + 10
+    for start in range(0, total, 7):
+        rows.extend(list(range(start, min(start + 7, total))))
+    rows.append(total)
+    assert len(rows) == total + 1
+    first = rows.take(CHUNK_ROWS + 3)
+    rest = rows.take(10 * CHUNK_ROWS)
+    assert first + rest == list(range(total + 1))
+    assert len(rows) == 0
+    assert rows.take(5) == []

@@ -17,7 +17,7 @@ from depthflow import indicators
 from depthflow.metrics import Metrics
 from depthflow.records import SignalRow
 
-__all__ = ["Analytics", "Position", "Signal", "SignalSink"]
+__all__ = ["BATCH_INTERVAL_S", "Analytics", "Position", "Signal", "SignalSink"]
 
 Signal = Literal["open", "close"]
 
