@@ -141,7 +141,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from depthflow.api.http_server import header_timeout_protocol, raise_open_files_limit
 
     raise_open_files_limit()
-    app = create_app(settings)
+    app = create_app(settings, owns_process=True)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -265,6 +265,6 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 async def _replay_async(settings: Settings, path: Path) -> None:
     from depthflow.replay import run_replay
 
-    summary = await run_replay(settings, path)
+    summary = await run_replay(settings, path, owns_process=True)
     log.info("replayed", extra={"fields": summary})
     print(json.dumps(summary))

@@ -67,10 +67,13 @@ def replay_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"redis_url": ""})
 
 
-async def run_replay(settings: Settings, path: Path) -> dict[str, float | int | None]:
+async def run_replay(
+    settings: Settings, path: Path, *, owns_process: bool = False
+) -> dict[str, float | int | None]:
     """Replay `path` into the database of `settings` (its Redis is never used); the summary:
-    frame and snapshot counts, duration, throughput and the replay's own counters."""
-    service = Service(replay_settings(settings), with_feed=False)
+    frame and snapshot counts, duration, throughput and the replay's own counters.
+    ``owns_process``: see `Service`."""
+    service = Service(replay_settings(settings), with_feed=False, owns_process=owns_process)
     await service.start()
     started = time.monotonic()
     try:

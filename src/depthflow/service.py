@@ -89,8 +89,12 @@ class Service:
         with_feed: bool = True,
         tap: Tap | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        owns_process: bool = False,
     ):
+        """``owns_process``: this service is the process's whole job (``serve``, ``replay``),
+        so it may tune process-wide state such as the garbage collector (`tune_gc`)."""
         self.settings = settings
+        self._owns_process = owns_process
         self.metrics = Metrics()
         self.process_stats: ProcessStats = self.metrics.process
         # The API's engine: every query under a statement timeout, so a lock or a slow plan
@@ -206,7 +210,8 @@ class Service:
             sup.start("feed", self.feed.run)
             if self.settings.audit_interval_s > 0:
                 sup.start("audit", self._audit_forever)
-        _tune_gc()
+        if self._owns_process:
+            tune_gc()
         log.info(
             "service_started",
             extra={
@@ -533,14 +538,15 @@ def _terminate_process(task: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep CPython's cycle collector from stalling the loop.
 
     Measured at 3,000 events/s (bench/scale.py): full collections took 200-300 ms every few
     seconds, most of it re-traversing the ~250k objects that exist from start-up (modules,
     routes, settings) and never die. Frozen, they are skipped; a larger generation-0 threshold
     makes the young collections rarer (each one still cheap: the rows themselves are atomic
-    tuples the collector untracks).
+    tuples the collector untracks). Process-wide: only for a process that is this service
+    (a test suite that starts many services would freeze each one's leftovers for good).
     """
     gc.collect()
     gc.freeze()

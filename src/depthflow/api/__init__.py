@@ -15,12 +15,15 @@ from depthflow.service import Service
 __all__ = ["create_app"]
 
 
-def create_app(settings: Settings, *, with_feed: bool = True) -> FastAPI:
-    """Build the app; the service starts with the lifespan and stops, in order, on shutdown."""
+def create_app(
+    settings: Settings, *, with_feed: bool = True, owns_process: bool = False
+) -> FastAPI:
+    """Build the app; the service starts with the lifespan and stops, in order, on shutdown.
+    ``owns_process``: see `Service`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = Service(settings, with_feed=with_feed)
+        service = Service(settings, with_feed=with_feed, owns_process=owns_process)
         app.state.service = service
         await service.start()
         try:

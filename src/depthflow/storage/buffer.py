@@ -29,7 +29,7 @@ class RowBuffer:
         self._orders: ChunkedRows[OrderRow] = ChunkedRows()
         self._signals: ChunkedRows[SignalRow] = ChunkedRows()
         self._gaps: list[GapRow] = []
-        self.queued = 0  # rows in the three lists above
+        self.queued = 0  # rows in the four queues above
         self.oldest = 0.0  # monotonic arrival time of the oldest queued row
         self.pending: Batch | None = None  # taken from the lists, not yet known committed
         self._pending_rows = 0
@@ -109,12 +109,7 @@ class ChunkedRows(Generic[_T]):
         return self._len
 
     def append(self, row: _T) -> None:
-        chunks = self._chunks
-        if chunks and len(chunks[-1]) < CHUNK_ROWS:
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-        self._len += 1
+        self.extend((row,))
 
     def extend(self, rows: Sequence[_T]) -> None:
         if not rows:
