@@ -1,5 +1,7 @@
-# depthflow service image: slim Python, non-root, dependencies in their own cached layer.
-FROM python:3.12-slim
+# depthflow images: `runtime` (the default, last stage: slim Python, non-root, dependencies in
+# their own cached layer) and `test` (the same install plus the dev dependencies, the tests and
+# the servers the fault and browser tests start themselves).
+FROM python:3.12.8-slim-bookworm AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,9 +25,28 @@ COPY alembic ./alembic
 COPY alembic.ini ./
 RUN pip install --no-deps . && rm -rf build
 
-RUN useradd --create-home --uid 10001 depthflow
-USER depthflow
+RUN useradd --create-home --uid 10001 depthflow \
+    && mkdir -p /recordings && chown depthflow /recordings
 
+
+FROM base AS test
+# PostgreSQL and Redis binaries for the tests' private servers (fault tests stop and start their
+# own), Chromium for the dashboard and docs browser tests.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends postgresql redis-server chromium \
+    && rm -rf /var/lib/apt/lists/*
+RUN pip install '.[dev]'
+COPY tests ./tests
+COPY bench ./bench
+COPY monitoring ./monitoring
+COPY compose.yaml ./
+RUN chown -R depthflow /app
+USER depthflow
+CMD ["python", "-m", "pytest", "-q"]
+
+
+FROM base AS runtime
+USER depthflow
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/live', timeout=2)"]

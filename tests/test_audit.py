@@ -254,7 +254,8 @@ def test_top_n_must_not_be_negative() -> None:
 
 # --- the real BTCUSDT recording -----------------------------------------------------------------
 
-DATA = Path("/work/shared/data/binance/spot-2024-08-08")
+# The recordings live beside the repository (../shared), as on the CI machine.
+DATA = Path(__file__).resolve().parents[2] / "shared/data/binance/spot-2024-08-08"
 # The recording's first 2 events are older than its snapshot; the third straddles it.
 SYNC_AT = 3
 # Binance's REST snapshot, `limit=1000`.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -141,3 +144,50 @@ async def test_ticks_and_signals_newest_first(app: FastAPI, client: httpx.AsyncC
     assert ids == sorted(ids, reverse=True)
     assert {s["signal"] for s in signals} <= {"open", "close"}
     assert (await client.get("/ticks", params={"limit": 0})).status_code == 422
+
+
+REPO = Path(__file__).resolve().parents[2]
+MONITORING = REPO / "monitoring"
+
+
+def dashboard_metric_names() -> set[str]:
+    dashboard = json.loads((MONITORING / "grafana/dashboards/depthflow.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs, "the dashboard has no queries"
+    return {name for expr in exprs for name in re.findall(r"\bdepthflow_[a-z_]+", expr)}
+
+
+def exported_family(name: str, families: dict[str, str]) -> str | None:
+    """The exported family a query's series name belongs to (counters lose `_total` in the
+    parser's family names, histograms are queried through `_bucket`, `_sum`, `_count`)."""
+    for suffix, kind in (("_total", "counter"), ("_bucket", "histogram"), ("_sum", "histogram")):
+        base = name.removesuffix(suffix)
+        if base != name and families.get(base) == kind:
+            return base
+    return name if families.get(name) in {"gauge", "histogram"} else None
+
+
+async def test_grafana_dashboard_queries_only_metrics_the_service_exports(
+    client: httpx.AsyncClient,
+) -> None:
+    text = (await client.get("/prometheus")).text
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    names = dashboard_metric_names()
+    assert {"depthflow_latency_seconds_bucket", "depthflow_data_loss_total"} <= names
+    unknown = sorted(name for name in names if exported_family(name, families) is None)
+    assert unknown == [], f"the Grafana dashboard queries metrics nobody exports: {unknown}"
+
+
+def test_prometheus_scrapes_the_route_the_service_serves() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/prometheus"
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts {source}, which is missing"
+    assert job["static_configs"][0]["targets"] == ["web:8000"]
