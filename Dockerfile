@@ -12,13 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
+# Dependencies first, read from pyproject.toml: this layer is rebuilt only when it changes.
 COPY pyproject.toml README.md ./
-RUN mkdir -p src/depthflow \
-    && touch src/depthflow/__init__.py \
-    && pip install . \
-    && pip uninstall -y depthflow \
-    && rm -rf src
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
 COPY src ./src
 COPY alembic ./alembic

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from depthflow.storage.models import Base
+from depthflow.storage.partitions import is_partition
 
 config = context.config
 target_metadata = Base.metadata
@@ -32,11 +33,17 @@ def database_url() -> str:
     return load_settings().database_url
 
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate compares the parents only: a time partition is data, not schema."""
+    return not (type_ == "table" and name is not None and is_partition(name))
+
+
 def run_migrations_offline() -> None:
     """Emit the SQL to stdout (``alembic upgrade head --sql``) without connecting."""
     context.configure(
         url=database_url(),
         target_metadata=target_metadata,
+        include_name=include_name,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
     )
@@ -45,7 +52,9 @@ def run_migrations_offline() -> None:
 
 
 def do_run_migrations(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata)
+    context.configure(
+        connection=connection, target_metadata=target_metadata, include_name=include_name
+    )
     with context.begin_transaction():
         context.run_migrations()
 

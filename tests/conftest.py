@@ -23,7 +23,15 @@ PG_SERVER_URL = os.environ.get(
     "DEPTHFLOW_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_TEST_URL = os.environ.get("DEPTHFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
-TABLES = ("price_ticks", "orders", "trading_signals", "ingest_batches", "data_gaps")
+TABLES = (
+    "price_ticks",
+    "orders",
+    "trading_signals",
+    "ingest_batches",
+    "data_gaps",
+    "book_checkpoints",
+    "runs",
+)
 
 
 def _unavailable(what: str, exc: BaseException) -> None:

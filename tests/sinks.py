@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from depthflow.records import GapRow, OrderRow, TickRow
+from depthflow.records import CheckpointRow, GapRow, OrderRow, TickRow
 
 
 class Rows:
@@ -15,6 +15,7 @@ class Rows:
         self.ticks: list[TickRow] = []
         self.orders: list[OrderRow] = []
         self.gaps: list[GapRow] = []
+        self.checkpoints: list[CheckpointRow] = []
 
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool:
         if tick is not None:
@@ -24,6 +25,10 @@ class Rows:
 
     def add_gap(self, row: GapRow) -> bool:
         self.gaps.append(row)
+        return True
+
+    def add_checkpoint(self, row: CheckpointRow) -> bool:
+        self.checkpoints.append(row)
         return True
 
 

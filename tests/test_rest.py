@@ -616,6 +616,29 @@ async def test_connection_refused_is_a_transport_error(
     assert metrics.rest_requests[("depth", "transport")] == 1
 
 
+async def test_an_unresolvable_host_names_the_url_and_the_way_offline(
+    client: httpx.AsyncClient, metrics: Metrics
+) -> None:
+    scheduler = RestScheduler(
+        client,
+        "https://no-such-host.invalid",
+        metrics,
+        weight_per_minute=6000,
+        max_concurrency=2,
+        request_timeout_s=30.0,
+    )
+    async with running(scheduler):
+        with pytest.raises(RestError) as caught:
+            async with asyncio.timeout(DEADLINE_S):
+                await scheduler.depth("BTCUSDT", 100, SYNC)
+    assert caught.value.kind is RestErrorKind.TRANSPORT
+    message = str(caught.value)
+    assert "https://no-such-host.invalid/api/v3/depth" in message
+    assert "host no-such-host.invalid does not resolve" in message
+    assert "depthflow simulate" in message
+    assert "BINANCE_REST_URL=http://127.0.0.1:8765" in message
+
+
 async def test_run_is_restartable_and_requeues_what_was_in_flight(
     fake: FakeBinance, make: Callable[..., RestScheduler]
 ) -> None:

@@ -17,7 +17,7 @@ import pytest
 from depthflow.indicators import SmaTracker
 from depthflow.metrics import Metrics
 from depthflow.records import SignalRow
-from depthflow.signals import Analytics, Position
+from depthflow.signals import Analytics, Position, SignalSummary
 
 SHORT, LONG = 3, 8
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -148,8 +148,20 @@ async def test_signals_end_to_end_one_kernel_call_per_symbol_per_batch(
         "close": sum(row[1] == "close" for row in sink.rows),
     }
 
-    records = [r for r in caplog.records if r.name == "depthflow.signals"]
-    assert [r.getMessage() for r in records] == ["trading_signal"] * len(sink.rows)
+    lines = [r for r in caplog.records if r.name == "depthflow.signals"]
+    records = [r for r in lines if r.getMessage() == "trading_signal"]
+    assert len(records) == len(sink.rows)
+    # The rest are summaries (the last one at stop) that count every signal once.
+    summaries = [r.fields for r in lines if r not in records]  # type: ignore[attr-defined]
+    assert summaries
+    assert lines[-1].getMessage() == "signals_summary"
+    assert sum(s["signals"] for s in summaries) == len(sink.rows)
+    assert sum(s["open"] for s in summaries) == sum(row[1] == "open" for row in sink.rows)
+    by_symbol: dict[str, int] = {}
+    for summary in summaries:
+        for symbol, count in summary["by_symbol"].items():
+            by_symbol[symbol] = by_symbol.get(symbol, 0) + count
+    assert by_symbol == {symbol: len(rows) for symbol, rows in expected.items()}
     for record, row in zip(records, sink.rows, strict=True):
         fields = record.fields  # type: ignore[attr-defined]
         assert fields == {
@@ -196,3 +208,50 @@ async def test_stop_without_run_processes_pending_and_shuts_down_own_executor() 
     assert [row[1] for row in sink.rows] == ["open"]
     with pytest.raises(RuntimeError):
         await analytics.warm_up()  # the own executor is shut down
+
+
+def test_signal_summary_counts_a_window_from_its_first_signal() -> None:
+    now = [100.0]
+    summary = SignalSummary(interval_s=10.0, clock=lambda: now[0])
+    assert summary.take() is None
+    assert summary.take(force=True) is None  # nothing counted: no line, even at stop
+    now[0] = 500.0  # a quiet stretch does not count towards the window
+    summary.add("BTCUSDT", "open")
+    summary.add("ETHUSDT", "open")
+    now[0] = 509.0
+    summary.add("BTCUSDT", "close")
+    assert summary.take() is None  # 9 s into the window
+    now[0] = 510.5
+    assert summary.take() == {
+        "signals": 3,
+        "open": 2,
+        "close": 1,
+        "seconds": 10.5,
+        "symbols": 2,
+        "by_symbol": {"BTCUSDT": 2, "ETHUSDT": 1},
+    }
+    assert summary.take(force=True) is None  # a new, empty window
+    summary.add("ETHUSDT", "close")
+    now[0] = 511.0
+    assert summary.take(force=True) == {
+        "signals": 1,
+        "open": 0,
+        "close": 1,
+        "seconds": 0.5,
+        "symbols": 1,
+        "by_symbol": {"ETHUSDT": 1},
+    }
+
+
+def test_signal_summary_names_only_the_busiest_symbols() -> None:
+    summary = SignalSummary(interval_s=0.0, clock=lambda: 0.0)
+    for n in range(15):
+        for _ in range(n + 1):
+            summary.add(f"S{n:02d}USDT", "open")
+    fields = summary.take()
+    assert fields is not None
+    assert fields["symbols"] == 15
+    assert fields["signals"] == sum(range(1, 16))
+    by_symbol = fields["by_symbol"]
+    assert isinstance(by_symbol, dict)
+    assert list(by_symbol) == [f"S{n:02d}USDT" for n in range(14, 4, -1)]

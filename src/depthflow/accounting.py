@@ -55,6 +55,7 @@ class ErrorKind(StrEnum):
     DATABASE = "database"  # a write attempt failed
     REDIS = "redis"  # a Redis push, ping or read failed
     TASK = "task"  # a supervised task ended unexpectedly
+    CHECKPOINT = "checkpoint"  # a book checkpoint refused by a full writer buffer (no event lost)
 
 
 class ResyncReason(StrEnum):
@@ -79,6 +80,15 @@ class GapReason(StrEnum):
     RESTART = "restart"  # between the last stored tick of an earlier run and this run's first
     NO_TICK = "no_tick"  # applied events that gave no tick (empty side, crossed)
     REJECTED = "rejected"
+
+
+class RunStatus(StrEnum):
+    """``runs.status``: how an ingesting process or replay ended (or that it has not)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CRASHED = "crashed"  # its heartbeat stopped without a finish (kill -9, power loss)
 
 
 class CheckState(StrEnum):

@@ -9,12 +9,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from depthflow import __version__
+from depthflow.cli_help import CommandParser, HelpFormatter
 from depthflow.config import Settings, SettingsError, load_settings, mask_url
+from depthflow.errors import EXIT_USAGE, DependencyUnreachable, UserError
 from depthflow.logs import configure_logging
 
 __all__ = ["main"]
@@ -28,40 +30,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except SettingsError as exc:
         print(f"depthflow: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
+        return EXIT_USAGE
+    configure_logging(settings.log_level, settings.log_format)
     try:
         result: int = args.run(settings, args)
+    except UserError as exc:
+        # A cause the user can fix: one line saying what to do, no traceback.
+        print(f"depthflow: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="depthflow", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="depthflow", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"depthflow {__version__}")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    # Each command's help shows its defaults and the environment variables it reads.
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=CommandParser)
 
     config = commands.add_parser("config", help="print the effective settings (secrets masked)")
     config.set_defaults(run=_config)
 
     serve = commands.add_parser("serve", help="run the service (feed + HTTP)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
     serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser("migrate", help="create the database if missing, then migrate")
     migrate.set_defaults(run=_migrate)
 
     sim = commands.add_parser("simulate", help="a local stand-in for Binance (WS + REST)")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=int, default=8765, help="port of the WS and REST paths")
     sim.add_argument("--symbols", default="btcusdt,ethusdt", help="comma separated")
     sim.add_argument("--rate", type=float, default=10.0, help="events/s per symbol; 0 = max")
-    sim.add_argument("--seed", type=int, default=1)
-    sim.add_argument("--gap-every", type=int, default=0, metavar="N")
-    sim.add_argument("--disconnect-every", type=int, default=0, metavar="N")
-    sim.add_argument("--malformed-every", type=int, default=0, metavar="N")
+    sim.add_argument("--seed", type=int, default=1, help="random seed of the books' walk")
+    sim.add_argument(
+        "--gap-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="drop every Nth event from the stream (clients see a gap); 0 = never",
+    )
+    sim.add_argument(
+        "--disconnect-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="close each connection after N frames; 0 = never",
+    )
+    sim.add_argument(
+        "--malformed-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send a broken frame after every N frames; 0 = never",
+    )
     sim.add_argument("--max-events", type=int, default=None, metavar="N", help="per symbol")
     sim.add_argument(
         "--prebuild",
@@ -70,7 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pre-generate N events per symbol and send them at full speed",
     )
-    sim.add_argument("--replay", type=Path, default=None, metavar="FILE")
+    sim.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve this recording (from `depthflow record`) instead of a random walk",
+    )
     sim.add_argument(
         "--symbols-count",
         type=int,
@@ -118,8 +151,43 @@ def _parser() -> argparse.ArgumentParser:
     record.set_defaults(run=_record)
 
     replay = commands.add_parser("replay", help="run a recording through the pipeline")
-    replay.add_argument("file", type=Path)
+    replay.add_argument("file", type=Path, help="a recording from `depthflow record`")
+    replay.add_argument(
+        "--force",
+        action="store_true",
+        help="store the file's rows even if its update ids are stored already (twice, then)",
+    )
     replay.set_defaults(run=_replay)
+
+    _add_export(commands)
+
+    demo = commands.add_parser(
+        "demo",
+        help="embedded PostgreSQL + simulator + service in one command, for a first look",
+        description="Run an embedded PostgreSQL, the simulator and the service in one process "
+        "(no Docker, PostgreSQL or Redis needed; pip install 'depthflow[demo]'). The database "
+        "is kept between runs. Ctrl-C stops everything.",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    demo.add_argument(
+        "--symbols",
+        type=_symbol_names,
+        default="btcusdt,ethusdt",
+        help="simulated symbols, comma separated (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--rate", type=float, default=5.0, help="events/s per symbol (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the database's directory (default: $XDG_DATA_HOME/depthflow/demo-pg, else "
+        "~/.local/share/depthflow/demo-pg; as root /var/lib/depthflow/demo-pg when the former "
+        "is out of the unprivileged server's reach)",
+    )
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -140,6 +208,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from depthflow.api import create_app
     from depthflow.api.http_server import header_timeout_protocol, raise_open_files_limit
 
+    _check_database(settings)
     raise_open_files_limit()
     app = create_app(settings, owns_process=True)
     config = uvicorn.Config(
@@ -165,12 +234,30 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_database(settings: Settings) -> None:
+    """Refuse to serve a database that is missing or not migrated; one that cannot be reached
+    now is only reported: the service keeps rows until it answers."""
+    from depthflow.storage import db
+
+    try:
+        revision = asyncio.run(db.check_migrated(settings.database_url))
+    except DependencyUnreachable as exc:
+        log.warning("database_unreachable_at_start", extra={"fields": {"error": str(exc)}})
+        return
+    if revision is None:
+        log.warning(
+            "database_revision_not_checked",
+            extra={"fields": {"reason": "alembic.ini not found: run from the project directory"}},
+        )
+
+
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from sqlalchemy import make_url
 
     from depthflow.storage import db
 
-    asyncio.run(db.migrate(settings.database_url))
+    with db.explain_errors(settings.database_url):
+        asyncio.run(db.migrate(settings.database_url, partition_days=settings.partition_days))
     database = make_url(settings.database_url).render_as_string(hide_password=True)
     log.info("migrated", extra={"fields": {"database": database}})
     return 0
@@ -253,18 +340,137 @@ class _Discard:
     def add_gap(self, row: object) -> bool:
         return True
 
+    def add_checkpoint(self, row: object) -> bool:
+        return True
+
     def add_tick(self, symbol: str, wap: float, event_time: datetime, last_update_id: int) -> None:
         return None
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(_replay_async(settings, args.file))
+    asyncio.run(_replay_async(settings, args.file, force=args.force))
     return 0
 
 
-async def _replay_async(settings: Settings, path: Path) -> None:
+async def _replay_async(settings: Settings, path: Path, *, force: bool = False) -> None:
     from depthflow.replay import run_replay
 
-    summary = await run_replay(settings, path, owns_process=True)
+    summary = await run_replay(settings, path, owns_process=True, force=force)
     log.info("replayed", extra={"fields": summary})
     print(json.dumps(summary))
+
+
+def _add_export(commands: argparse._SubParsersAction[CommandParser]) -> None:
+    export = commands.add_parser(
+        "export",
+        help="stored rows, or a past book, to a Parquet or CSV file",
+        description="Stream one table's stored rows (ticks, orders, signals, gaps), or the\n"
+        "stored book of a symbol at past instants (book), to a Parquet or CSV file, in\n"
+        "constant memory. Rows are ordered by symbol, time and id. Times are ISO-8601\n"
+        "with a zone (Z accepted); a date alone is midnight UTC.\n"
+        "Parquet needs pyarrow: pip install 'depthflow[export]'.",
+    )
+    export.add_argument("what", metavar="{ticks,orders,signals,gaps,book}", help="what to export")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the file")
+    export.add_argument(
+        "--format",
+        default=None,
+        metavar="{parquet,csv}",
+        help="parquet or csv (default: csv when FILE ends in .csv or .csv.gz, gzipped for .gz; "
+        "else parquet)",
+    )
+    export.add_argument(
+        "--symbol", default=None, help="only this symbol, case-insensitive (book: required)"
+    )
+    export.add_argument(
+        "--start",
+        default=None,
+        metavar="ISO",
+        help="from this event time, inclusive (gaps: their to_time) (default: the first row)",
+    )
+    export.add_argument(
+        "--end", default=None, metavar="ISO", help="before this time (default: after the last)"
+    )
+    export.add_argument(
+        "--at", default=None, metavar="ID|ISO", help="book: the instant, an update id or a time"
+    )
+    export.add_argument(
+        "--every",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="book: one book every SECONDS from --start to --end (unknowable ones skipped)",
+    )
+    export.add_argument(
+        "--depth",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="book: at most N levels a side (default: all)",
+    )
+    export.add_argument(
+        "--chunk-rows",
+        type=_positive(int),
+        default=50_000,
+        metavar="N",
+        help="rows per database fetch and Parquet row group",
+    )
+    export.set_defaults(run=_export)
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    from depthflow.export import build_request, run_export
+    from depthflow.export_files import Progress
+
+    request = build_request(
+        args.what,
+        args.out,
+        format=args.format,
+        symbol=args.symbol,
+        start=args.start,
+        end=args.end,
+        at=args.at,
+        every_s=args.every,
+        depth=args.depth,
+        chunk_rows=args.chunk_rows,
+    )
+    progress = Progress(sys.stderr, f"export {args.what}")
+    result = asyncio.run(run_export(settings.database_url, request, progress))
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _symbol_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip().lower() for s in text.split(",") if s.strip()))
+    if not names or not all(name.isalnum() for name in names):
+        raise argparse.ArgumentTypeError(f"expected names such as btcusdt,ethusdt, got {text!r}")
+    return names
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from depthflow.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        port=args.port, symbols=args.symbols, rate=args.rate, data_dir=args.data_dir
+    )
+    try:
+        # Set-up failures (pgserver missing, a directory refused) are `UserError`s for `main`.
+        return asyncio.run(run_demo(options, os.environ))
+    except SettingsError as exc:
+        print(f"depthflow: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import Annotated, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 __all__ = ["Settings", "SettingsError", "load_settings", "mask_url"]
 
@@ -45,6 +47,8 @@ class Settings(BaseSettings):
     batch_max_delay_ms: int = Field(default=250, ge=1)
     buffer_max_rows: int = Field(default=1_000_000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # None (unset or empty): `console` when stdout is a terminal, else `json` (one object a line).
+    log_format: Literal["console", "json"] | None = None
     # Binance closes every connection after 24 h; we rotate a little before that on our own.
     ws_max_age_s: float = Field(default=23.5 * 3600, gt=0)
     metrics_flush_ms: int = Field(default=1000, ge=10)
@@ -82,6 +86,14 @@ class Settings(BaseSettings):
     # One audit (a fresh snapshot compared with the live book) every this many seconds, round
     # robin over the symbols, with spare budget only; 0 turns audits off.
     audit_interval_s: float = Field(default=30.0, ge=0)
+    # price_ticks, orders, trading_signals and book_checkpoints are partitioned on event_time
+    # in spans of this many days; RETENTION_DAYS (None: keep everything) drops whole spans
+    # that ended that many days ago.
+    partition_days: int = Field(default=1, ge=1, le=366)
+    retention_days: int | None = Field(default=None, ge=1)
+    # Each live book is stored whole (book_checkpoints) when it syncs and then every this many
+    # seconds, so `GET /book/{symbol}?at=` replays at most this long a stretch of `orders`.
+    checkpoint_interval_s: float = Field(default=300.0, gt=0)
     # How often `SYMBOLS` patterns are resolved again through exchangeInfo (listings, delistings).
     symbols_refresh_s: float = Field(default=3600.0, gt=0)
 
@@ -105,6 +117,14 @@ class Settings(BaseSettings):
             return tuple(dict.fromkeys(symbols))
         return value
 
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _retention_off(cls, value: object) -> object:
+        # RETENTION_DAYS= (empty), 0 or "off" keep everything, as unset does.
+        if isinstance(value, str) and value.strip().lower() in {"", "0", "off", "none"}:
+            return None
+        return None if value == 0 else value
+
     @field_validator("depth_interval_ms")
     @classmethod
     def _binance_interval(cls, value: int) -> int:
@@ -118,14 +138,57 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str) -> str:
         if value.startswith(("postgresql://", "postgres://")):
-            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
         if not value.startswith("postgresql+asyncpg://"):
             raise ValueError("must be a postgresql+asyncpg:// URL")
+        try:
+            url = make_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a URL ({exc}); expected {_DATABASE_URL_SHAPE}") from None
+        if url.port is not None and not 0 < url.port < 65536:
+            raise ValueError(f"port {url.port} is out of range; expected {_DATABASE_URL_SHAPE}")
+        if not url.database:
+            raise ValueError(f"names no database; expected {_DATABASE_URL_SHAPE}")
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_shape(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = _split_url(value, "redis://localhost:6379/0")
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0), "
+                "or be empty to keep the counters in the process"
+            )
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not database.isdigit():
+            raise ValueError(
+                f"database {database!r} is not a number (e.g. redis://localhost:6379/0)"
+            )
+        return value
+
+    @field_validator("binance_ws_url")
+    @classmethod
+    def _ws_shape(cls, value: str) -> str:
+        return _check_base_url(value, ("ws", "wss"), "wss://stream.binance.com:9443")
+
+    @field_validator("binance_rest_url")
+    @classmethod
+    def _rest_shape(cls, value: str) -> str:
+        return _check_base_url(value, ("http", "https"), "https://api.binance.com")
 
     @model_validator(mode="after")
     def _windows_ordered(self) -> Settings:
@@ -141,6 +204,28 @@ class Settings(BaseSettings):
         suffix = "@depth@100ms" if self.depth_interval_ms == 100 else "@depth"
         streams = "/".join(f"{s.lower()}{suffix}" for s in symbols)
         return f"{self.binance_ws_url.rstrip('/')}/stream?streams={streams}"
+
+
+_DATABASE_URL_SHAPE = "postgresql+asyncpg://user:password@host:5432/depthflow"
+
+
+def _split_url(value: str, example: str) -> SplitResult:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (e.g. {example})") from None
+    return parts
+
+
+def _check_base_url(value: str, schemes: tuple[str, ...], example: str) -> str:
+    parts = _split_url(value, example)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"must start with {wanted} and name a host (e.g. {example})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must be a base URL without ?query or #fragment (e.g. {example})")
+    return value
 
 
 def load_settings(**overrides: object) -> Settings:

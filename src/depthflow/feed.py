@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from depthflow.accounting import ErrorKind, LossReason, SnapshotReason
 from depthflow.config import Settings
+from depthflow.errors import offline_hint, unresolved_host
 from depthflow.events import Snapshot, decode_snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
@@ -38,6 +39,7 @@ __all__ = [
     "SnapshotSource",
     "Tap",
     "backoff_delays",
+    "display_url",
     "shard_symbols",
 ]
 
@@ -85,6 +87,16 @@ def backoff_delays(
     while True:
         yield random.uniform(0.0, ceiling)
         ceiling = min(maximum, ceiling * factor)
+
+
+def display_url(url: str) -> str:
+    """``url`` for a log line: a combined-stream URL naming many streams (~5 KB for 200) keeps
+    its first stream and the count of the others."""
+    base, sep, query = url.partition("?streams=")
+    streams = query.split("/") if sep else []
+    if len(streams) <= 2:
+        return url
+    return f"{base}?streams={streams[0]}/...(+{len(streams) - 1} more)"
 
 
 def shard_symbols(symbols: Sequence[str], per_connection: int) -> list[list[str]]:
@@ -365,14 +377,26 @@ class Shard:
                 self._ws = replacement
             self._metrics.count_error(ErrorKind.CONNECTION)
             log.warning(
-                "feed_closed", extra={"fields": {"shard": self.index, "code": self._ws.close_code}}
+                "feed_closed",
+                extra={
+                    "fields": {
+                        "shard": self.index,
+                        "url": display_url(self.url),
+                        "code": self._ws.close_code,
+                    }
+                },
             )
         except ConnectionClosed as exc:
             self._metrics.count_error(ErrorKind.CONNECTION)
             log.warning(
                 "feed_closed",
                 extra={
-                    "fields": {"shard": self.index, "code": _close_code(exc), "error": str(exc)}
+                    "fields": {
+                        "shard": self.index,
+                        "url": display_url(self.url),
+                        "code": _close_code(exc),
+                        "error": str(exc),
+                    }
                 },
             )
         finally:
@@ -398,7 +422,14 @@ class Shard:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._metrics.count_error(ErrorKind.CONNECT)
             log.warning(
-                "feed_rotation_failed", extra={"fields": {"shard": self.index, "error": repr(exc)}}
+                "feed_rotation_failed",
+                extra={
+                    "fields": {
+                        "shard": self.index,
+                        "url": display_url(self.url),
+                        "error": repr(exc),
+                    }
+                },
             )
             return None
         self.connections += 1
@@ -480,7 +511,13 @@ class Shard:
                 self._metrics.count_error(ErrorKind.CONNECTION)
                 log.warning(
                     "feed_stalled",
-                    extra={"fields": {"shard": self.index, "silent_s": round(silent, 1)}},
+                    extra={
+                        "fields": {
+                            "shard": self.index,
+                            "url": display_url(self.url),
+                            "silent_s": round(silent, 1),
+                        }
+                    },
                 )
                 if self._ws is not None:
                     await self._ws.close(code=1001, reason="stalled")
@@ -493,9 +530,14 @@ class Shard:
         if self.url != self._dialing:
             return exc  # the streams changed: `run` dials the new URL
         self._metrics.count_error(ErrorKind.CONNECT)
-        log.warning(
-            "feed_connect_failed", extra={"fields": {"shard": self.index, "error": repr(exc)}}
-        )
+        fields: dict[str, object] = {
+            "shard": self.index,
+            "url": display_url(self._dialing),
+            "error": repr(exc),
+        }
+        if unresolved_host(exc):
+            fields["hint"] = offline_hint(self._dialing)
+        log.warning("feed_connect_failed", extra={"fields": fields})
         return None
 
     # -- snapshots ---------------------------------------------------------------------------------
@@ -557,7 +599,11 @@ class Shard:
             # The source's own failures (HTTP status, timeout, throttled): all mean "not now".
             error = exc
         self._metrics.count_error(ErrorKind.SNAPSHOT)
-        log.warning("snapshot_failed", extra={"fields": {"symbol": symbol, "error": repr(error)}})
+        rest_url = self._settings.binance_rest_url
+        fields: dict[str, object] = {"symbol": symbol, "url": rest_url, "error": repr(error)}
+        if unresolved_host(error):
+            fields["hint"] = offline_hint(rest_url)
+        log.warning("snapshot_failed", extra={"fields": fields})
         return None
 
     async def _cancel_snapshots(self) -> None:

@@ -39,6 +39,8 @@ class GapLedger:
         # This run's first stored tick per symbol while the earlier run's edge is not known yet.
         self._first: dict[str, tuple[int, datetime]] = {}
         self._restored: set[str] = set()
+        # This run's first stored tick per symbol (its update id range starts there).
+        self._run_first: dict[str, int] = {}
 
     def note(self, symbol: str, reason: GapReason) -> None:
         """Something happened that leaves update ids unstored; the first cause names the hole."""
@@ -107,12 +109,23 @@ class GapLedger:
 
     def stored(self, symbol: str, last_update_id: int, event_time: datetime) -> None:
         """The writer took a tick ending at ``last_update_id``."""
+        if symbol not in self._run_first:
+            self._run_first[symbol] = last_update_id
         edge = self._edges.get(symbol)
         if edge is None:
             self._edges[symbol] = _Edge(last_update_id, event_time)
         else:
             edge.update_id = last_update_id
             edge.event_time = event_time
+
+    def run_ranges(self) -> dict[str, tuple[int, int]]:
+        """Per symbol, the update ids from this run's first stored tick to the last one stored
+        (by a tick or a gap row): what the ``runs`` row says this run wrote."""
+        return {
+            symbol: (first, self._edges[symbol].update_id)
+            for symbol, first in self._run_first.items()
+            if symbol in self._edges
+        }
 
     def restore(
         self, symbol: str, last_update_id: int, event_time: datetime | None

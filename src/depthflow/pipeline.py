@@ -24,7 +24,7 @@ from depthflow.events import DecodeError, DepthEvent, Snapshot, decode_frame
 from depthflow.gaps import GapLedger
 from depthflow.logs import LogLimiter
 from depthflow.metrics import Metrics
-from depthflow.records import GapRow, OrderRow, TickRow
+from depthflow.records import CheckpointRow, GapRow, OrderRow, TickRow
 
 __all__ = ["REPLAY_STEP", "Pipeline", "RowSink", "TickSink", "wap"]
 
@@ -35,12 +35,15 @@ _PREVIEW_CHARS = 200
 _MAX_HELD = 10_000
 # Events replayed between two pauses of `load_snapshot` (~1 ms of work on real-shaped events).
 REPLAY_STEP = 32
+_NEVER = 1 << 62  # the checkpoint due time of a book that is not live
 
 
 class RowSink(Protocol):
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> bool: ...
 
     def add_gap(self, row: GapRow) -> bool: ...
+
+    def add_checkpoint(self, row: CheckpointRow) -> bool: ...
 
 
 class TickSink(Protocol):
@@ -66,6 +69,7 @@ class Pipeline:
         *,
         max_sync_buffer: int = 100_000,
         stale_resync_s: float = 5.0,
+        checkpoint_interval_s: float = 300.0,
         ledger: GapLedger | None = None,
     ) -> None:
         self._syncs: dict[str, BookSync] = {
@@ -91,6 +95,13 @@ class Pipeline:
         # Symbols two connections deliver (a rotation), and events held there meanwhile.
         self._overlap: set[str] = set()
         self._held: dict[str, deque[tuple[DepthEvent, float]]] = {}
+        # (update id, event time) of each symbol's last applied event: a checkpoint's time.
+        self._last_applied: dict[str, tuple[int, datetime]] = {}
+        # Event time (ms) from which a live book's next applied event writes a checkpoint; 0:
+        # at the next event (synced on a snapshot alone, so its state has no event time yet).
+        # Event time, not the clock: a replay stores the checkpoints the live run did.
+        self._checkpoint_every_ms = round(checkpoint_interval_s * 1000)
+        self._checkpoint_due: dict[str, int] = {}
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -183,6 +194,31 @@ class Pipeline:
             removed.append(sync.symbol)
         return removed
 
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint(self, symbol: str) -> bool:
+        """Hand the writer the whole live book of ``symbol`` at its update id; False if it is
+        not live, has no event time yet (one is written after its next event) or was refused."""
+        sync = self._syncs.get(symbol.upper())
+        if sync is None or not sync.live:
+            return False
+        last = self._last_applied.get(sync.symbol)
+        if last is None or last[0] != sync.last_update_id:
+            self._checkpoint_due[sync.symbol] = 0
+            return False
+        update_id, event_time = last
+        due_ms = round(event_time.timestamp() * 1000) + self._checkpoint_every_ms
+        self._checkpoint_due[sync.symbol] = due_ms
+        book = sync.book
+        row: CheckpointRow = (
+            sync.symbol,
+            event_time,
+            update_id,
+            [[price, book.bids[price]] for price in sorted(book.bids, reverse=True)],
+            [[price, book.asks[price]] for price in sorted(book.asks)],
+        )
+        return self._writer.add_checkpoint(row)
+
     # -- audits ------------------------------------------------------------------------------------
 
     def start_audit(self, symbol: str, top_n: int = 20) -> bool:
@@ -268,6 +304,7 @@ class Pipeline:
         self._audits.pop(sync.symbol, None)
         self._overlap.discard(sync.symbol)
         self._stale_since.pop(sync.symbol, None)
+        self._checkpoint_due.pop(sync.symbol, None)
         lost = len(self._held.pop(sync.symbol, ())) + sync.reset()
         if lost:
             self._metrics.count_loss(reason, lost)
@@ -398,6 +435,9 @@ class Pipeline:
             (symbol, event_time, last_id, "bid", price, qty) for price, qty in event.bids
         ]
         orders.extend((symbol, event_time, last_id, "ask", price, qty) for price, qty in event.asks)
+        self._last_applied[symbol] = (last_id, event_time)
+        if event.event_time >= self._checkpoint_due.get(symbol, _NEVER):
+            self.checkpoint(symbol)
         tick = self._tick(sync, event, event_time, received_at)
         if tick is None:
             self.ledger.note(symbol, GapReason.NO_TICK)
@@ -518,6 +558,8 @@ class Pipeline:
         )
 
     def _synced(self, sync: BookSync) -> None:
+        # The stored book of every sync: levels the events since do not touch are known only here.
+        self.checkpoint(sync.symbol)
         dropped = self._sync_overflow.pop(sync.symbol, 0)
         log.info(
             "book_synced",

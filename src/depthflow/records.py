@@ -10,6 +10,9 @@ OrderRow = tuple[str, datetime, int, str, float, float]
 SignalRow = tuple[str, str, float, float, float, datetime, int]
 # symbol, from_update_id, to_update_id, from_time, to_time, reason
 GapRow = tuple[str, int, int, datetime | None, datetime | None, str]
+# symbol, event_time, last_update_id, bids, asks: the whole local book, [[price, qty], ...] best
+# first, after the event with that update id.
+CheckpointRow = tuple[str, datetime, int, list[list[float]], list[list[float]]]
 
 TICK_COLUMNS: Final = (
     "symbol",
@@ -41,3 +44,4 @@ GAP_COLUMNS: Final = (
     "to_time",
     "reason",
 )
+CHECKPOINT_COLUMNS: Final = ("symbol", "event_time", "last_update_id", "bids", "asks")

@@ -12,6 +12,7 @@ counter. `run_replay` returns the counters in its summary instead.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,14 @@ from pathlib import Path
 import msgspec
 
 from depthflow.config import Settings
+from depthflow.errors import EXIT_USAGE, UserError
 from depthflow.events import decode_snapshot
 from depthflow.pipeline import Pipeline
-from depthflow.recording import RecordedFrame, RecordedSnapshot, read_recording
+from depthflow.recording import RecordedFrame, RecordedSnapshot, RecordingError, read_recording
 from depthflow.service import Service
+from depthflow.storage.db import check_migrated, make_engine
+from depthflow.storage.runs import RunSource, stored_ranges
+from depthflow.symbols import is_pattern
 
 __all__ = ["ReplayStats", "replay", "replay_settings", "run_replay"]
 
@@ -45,10 +50,15 @@ class ReplayStats:
 
 
 async def replay(
-    path: Path, pipeline: Pipeline, wait_capacity: Callable[[], Awaitable[None]] | None = None
+    path: Path,
+    pipeline: Pipeline,
+    wait_capacity: Callable[[], Awaitable[None]] | None = None,
+    *,
+    stats: ReplayStats | None = None,
 ) -> ReplayStats:
-    """Feed every recorded frame (and the snapshots a book asks for) to `pipeline`."""
-    stats = ReplayStats()
+    """Feed every recorded frame (and the snapshots a book asks for) to `pipeline`; counted in
+    ``stats`` (a new one by default), which also tells how far a replay that raised got."""
+    stats = ReplayStats() if stats is None else stats
     for n, item in enumerate(read_recording(path), start=1):
         if isinstance(item, RecordedFrame):
             pipeline.on_frame(item.raw, item.received_at)
@@ -68,16 +78,42 @@ def replay_settings(settings: Settings) -> Settings:
 
 
 async def run_replay(
-    settings: Settings, path: Path, *, owns_process: bool = False
+    settings: Settings, path: Path, *, owns_process: bool = False, force: bool = False
 ) -> dict[str, float | int | None]:
     """Replay `path` into the database of `settings` (its Redis is never used); the summary:
     frame and snapshot counts, duration, throughput and the replay's own counters.
-    ``owns_process``: see `Service`."""
-    service = Service(replay_settings(settings), with_feed=False, owns_process=owns_process)
+    ``owns_process``: see `Service`.
+
+    Raises `UserError` before anything is stored when the file cannot be read, the database
+    is not ready (missing, unreachable, not migrated) or already holds update ids of the file
+    (unless ``force``: a second replay of a file adds nothing), and when a line of the file is
+    corrupt (the frames before it are stored)."""
+    _check_readable(path)
+    await check_migrated(settings.database_url)
+    # A pass over the file before the service starts: blocking, so off the loop.
+    try:
+        sha256, ranges = await asyncio.to_thread(scan_recording, path, followed(settings))
+    except RecordingError as exc:
+        raise UserError(f"{exc} (nothing was replayed: fix or cut the file there)") from exc
+    if not force:
+        await _refuse_stored(settings, path, ranges)
+    source = RunSource("file", str(await asyncio.to_thread(path.resolve)), sha256)
+    service = Service(
+        replay_settings(settings),
+        with_feed=False,
+        owns_process=owns_process,
+        run_source=source,
+    )
     await service.start()
     started = time.monotonic()
+    stats = ReplayStats()
     try:
-        stats = await replay(path, service.pipeline, service.writer.wait_capacity)
+        await replay(path, service.pipeline, service.writer.wait_capacity, stats=stats)
+    except RecordingError as exc:
+        raise UserError(
+            f"{exc} (the replay stopped there; the rows of the {stats.frames} frame(s) before "
+            "it are stored)"
+        ) from exc
     finally:
         await service.stop()
     elapsed = time.monotonic() - started
@@ -93,6 +129,77 @@ async def run_replay(
         "frames_per_s": round(stats.frames / elapsed, 1) if elapsed else None,
         **counters,
     }
+
+
+class _Data(msgspec.Struct):
+    s: str
+    u: int
+
+
+class _Frame(msgspec.Struct):
+    data: _Data
+
+
+_frame_ids = msgspec.json.Decoder(_Frame)
+
+
+def followed(settings: Settings) -> set[str]:
+    """The symbols a replay stores (patterns need exchangeInfo, which a replay does not ask)."""
+    return {s.upper() for s in settings.symbols if not is_pattern(s)}
+
+
+def scan_recording(path: Path, symbols: set[str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The file's SHA-256 and, per followed symbol, the lowest and highest update id its frames
+    end at (frames that do not decode are left out: the replay rejects them anyway)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as raw:
+        for block in iter(lambda: raw.read(1 << 20), b""):
+            digest.update(block)
+    ranges: dict[str, tuple[int, int]] = {}
+    for item in read_recording(path):
+        if not isinstance(item, RecordedFrame):
+            continue
+        try:
+            data = _frame_ids.decode(item.raw).data
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if data.s not in symbols:
+            continue
+        low, high = ranges.get(data.s, (data.u, data.u))
+        ranges[data.s] = (min(low, data.u), max(high, data.u))
+    return digest.hexdigest(), ranges
+
+
+async def _refuse_stored(
+    settings: Settings, path: Path, ranges: dict[str, tuple[int, int]]
+) -> None:
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        stored = await stored_ranges(engine, ranges)
+    finally:
+        await engine.dispose()
+    if not stored:
+        return
+    first = stored[0]
+    by = f" by run {first.run_id} ({first.run_source})" if first.run_id is not None else ""
+    more = f" and {len(stored) - 1} more symbol(s)" if len(stored) > 1 else ""
+    raise UserError(
+        f"{path}: update ids {first.first}..{first.last} of {first.symbol}{more} are stored "
+        f"already{by}; nothing stored (--force to replay anyway and store them twice)"
+    )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"recording {path} not found", exit_code=EXIT_USAGE)
+    if not path.is_file():
+        raise UserError(f"recording {path} is not a file", exit_code=EXIT_USAGE)
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot read recording {path}: {exc.strerror or exc}", exit_code=EXIT_USAGE
+        ) from exc
 
 
 def _use_snapshot(pipeline: Pipeline, item: RecordedSnapshot, stats: ReplayStats) -> None:

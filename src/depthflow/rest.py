@@ -59,6 +59,7 @@ from enum import StrEnum
 import httpx
 
 from depthflow.accounting import ErrorKind, SnapshotReason
+from depthflow.errors import offline_hint, unresolved_host
 from depthflow.metrics import Metrics
 
 __all__ = [
@@ -596,7 +597,10 @@ class RestScheduler:
             return "timeout"
         except httpx.HTTPError as exc:
             self._budget.settle(request.charge, None, self._wall(), throttled=False)
-            self._fail(request, RestError(RestErrorKind.TRANSPORT, f"{request.key}: {exc!r}"))
+            message = f"{request.key}: {url}: {exc!r}"
+            if unresolved_host(exc):
+                message += f"; {offline_hint(url)}"
+            self._fail(request, RestError(RestErrorKind.TRANSPORT, message))
             return "transport"
         code = response.status_code
         used = parse_used_weight(response.headers.get(USED_WEIGHT_HEADER))

@@ -25,10 +25,11 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from depthflow.accounting import CheckState, LossReason, SnapshotReason
+from depthflow.accounting import CheckState, LossReason, RunStatus, SnapshotReason
 from depthflow.config import Settings
 from depthflow.events import decode_snapshot
 from depthflow.feed import Feed, FeedState, Tap
+from depthflow.live_view import GapTap, LiveView
 from depthflow.looplag import LoopLag
 from depthflow.metrics import Metrics, ProcessStats
 from depthflow.pipeline import Pipeline
@@ -37,7 +38,8 @@ from depthflow.rest import RestError, RestScheduler
 from depthflow.signals import Analytics
 from depthflow.storage.db import make_engine
 from depthflow.storage.edges import stored_edges
-from depthflow.storage.maintenance import prune_batch_markers
+from depthflow.storage.maintenance import maintain_partitions, prune_batch_markers
+from depthflow.storage.runs import RunRecorder, RunSource
 from depthflow.storage.writer import BatchWriter
 from depthflow.supervisor import Supervisor
 from depthflow.symbols import (
@@ -60,6 +62,8 @@ _CHECK_INTERVAL_S = 0.5
 _CHECK_MAX_AGE_S = 3.0
 # Inside compose's 40 s stop_grace_period: the writer's final flush gets about 30 s of it.
 _SHUTDOWN_BUDGET_S = 35.0
+# A stop step still running after this long is worth a line saying what the shutdown waits for.
+_STOP_STEP_REPORT_S = 1.0
 # Allocations between two young collections (CPython's default: 700).
 _GC_GEN0_THRESHOLD = 10_000
 # A loop that has not run for this long gets its stack logged (`event_loop_stalled`).
@@ -90,9 +94,11 @@ class Service:
         tap: Tap | None = None,
         on_fatal: Callable[[str], None] | None = None,
         owns_process: bool = False,
+        run_source: RunSource | None = None,
     ):
         """``owns_process``: this service is the process's whole job (``serve``, ``replay``),
-        so it may tune process-wide state such as the garbage collector (`tune_gc`)."""
+        so it may tune process-wide state such as the garbage collector (`tune_gc`).
+        ``run_source``: what the ``runs`` row says the rows come from (default: live)."""
         self.settings = settings
         self._owns_process = owns_process
         self.metrics = Metrics()
@@ -116,13 +122,17 @@ class Service:
             batch_max_rows=settings.batch_max_rows,
             batch_max_delay_ms=settings.batch_max_delay_ms,
             buffer_max_rows=settings.buffer_max_rows,
+            partition_days=settings.partition_days,
         )
         self.loop_lag = LoopLag(stall_report_s=_LOOP_STALL_REPORT_S)
+        # What the dashboard (GET /) shows: bounded, in memory, fed where ticks and gaps arise.
+        self.live_view = LiveView()
         self.analytics = Analytics(
             sma_short=settings.sma_short,
             sma_long=settings.sma_long,
             writer=self.writer,
             metrics=self.metrics,
+            chart=self.live_view,
         )
         # Plain names are followed from the start; patterns join once exchangeInfo resolved them.
         self._symbol_spec = settings.symbols
@@ -130,10 +140,17 @@ class Service:
         names = [s.upper() for s in settings.symbols if not is_pattern(s)]
         self.pipeline = Pipeline(
             names,
-            self.writer,
+            GapTap(self.writer, self.live_view),
             self.analytics,
             self.metrics,
             stale_resync_s=settings.stale_resync_s,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
+        self.run = RunRecorder(
+            self.engine,
+            run_source or RunSource(),
+            symbols=lambda: sorted(self.pipeline.syncs),
+            ranges=self.pipeline.ledger.run_ranges,
         )
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, connect=5.0),
@@ -206,6 +223,7 @@ class Service:
             sup.start("symbols", self._refresh_symbols_forever)
         sup.start("restore", self._restore_edges, oneshot=True)
         sup.start("maintenance", self._maintain_forever)
+        sup.start("run", self.run.run)
         if self.feed is not None:
             sup.start("feed", self.feed.run)
             if self.settings.audit_interval_s > 0:
@@ -240,6 +258,8 @@ class Service:
             ("analytics_task", lambda: sup.join("analytics", self._left(deadline))),
             ("writer", lambda: self.writer.stop(timeout=max(1.0, self._left(deadline) - 5))),
             ("writer_task", lambda: sup.join("writer", self._left(deadline))),
+            ("run", lambda: sup.cancel("run")),
+            ("run_row", self._finish_run),
             ("redis", self.redis_sink.stop),
             ("redis_task", lambda: sup.join("redis", self._left(deadline))),
             ("rest", lambda: sup.cancel("rest")),
@@ -252,15 +272,66 @@ class Service:
         for name, step in steps:
             try:
                 async with asyncio.timeout(max(0.1, self._left(deadline))):
-                    await step()
+                    await self._stop_step(name, step, deadline)
             except Exception:
                 log.exception("service_stop_step_failed", extra={"fields": {"step": name}})
         await sup.cancel_all()
         log.info("service_stopped", extra={"fields": self.metrics.local_totals()})
 
+    async def _finish_run(self) -> None:
+        status = RunStatus.FAILED if self.fatal is not None else RunStatus.COMPLETED
+        await self.run.finish(status)
+
     @staticmethod
     def _left(deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
+
+    async def _stop_step(
+        self, name: str, step: Callable[[], Awaitable[object]], deadline: float
+    ) -> None:
+        """Run one stop step; one that takes a while says what it waits for and for how long at
+        most (`shutdown_waiting`), then how long it took (`shutdown_waited`)."""
+        started = time.monotonic()
+        task = asyncio.ensure_future(step())
+        try:
+            done, _ = await asyncio.wait([task], timeout=_STOP_STEP_REPORT_S)
+            if not done:
+                log.warning(
+                    "shutdown_waiting",
+                    extra={
+                        "fields": {
+                            "step": name,
+                            "waiting_for": self._stop_waits_for(name),
+                            "up_to_s": round(self._left(deadline), 1),
+                        }
+                    },
+                )
+                await asyncio.wait([task])
+                log.info(
+                    "shutdown_waited",
+                    extra={
+                        "fields": {"step": name, "seconds": round(time.monotonic() - started, 1)}
+                    },
+                )
+            task.result()
+        finally:
+            if not task.done():
+                # The budget ran out (or we are cancelled): the step must not outlive us.
+                task.cancel()
+                await asyncio.wait([task])
+
+    def _stop_waits_for(self, name: str) -> str:
+        if name == "writer":
+            rows = self.writer.buffered
+            state = "" if self.writer.healthy else ", the database is not answering"
+            return f"the writer's last flush of {rows} buffered rows{state}"
+        if name == "analytics":
+            return f"the SMA kernel on {self.analytics.pending} pending ticks"
+        if name == "redis":
+            return "the last push of the counters to Redis"
+        if name.endswith("_task"):
+            return f"the {name.removesuffix('_task')} task to end"
+        return f"the {name} to stop"
 
     async def _discard_books(self) -> None:
         # Events still buffered for a snapshot will never become ticks: count them.
@@ -335,6 +406,13 @@ class Service:
         while True:
             try:
                 deleted = await prune_batch_markers(self.engine)
+                _, dropped = await maintain_partitions(
+                    self.engine,
+                    partition_days=self.settings.partition_days,
+                    retention_days=self.settings.retention_days,
+                )
+                if dropped:
+                    self.writer.partitions.forget()
             except Exception as exc:
                 # The database may be away: the next round tries again.
                 log.warning("maintenance_failed", extra={"fields": {"error": repr(exc)}})

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -17,19 +20,48 @@ from depthflow import indicators
 from depthflow.metrics import Metrics
 from depthflow.records import SignalRow
 
-__all__ = ["BATCH_INTERVAL_S", "Analytics", "Position", "Signal", "SignalSink"]
+__all__ = [
+    "BATCH_INTERVAL_S",
+    "SUMMARY_INTERVAL_S",
+    "Analytics",
+    "ChartSink",
+    "Position",
+    "Signal",
+    "SignalSink",
+    "SignalSummary",
+]
 
 Signal = Literal["open", "close"]
 
 _log = logging.getLogger("depthflow.signals")
 # Shortest time between two micro-batches: signals come at most this much later than the tick.
 BATCH_INTERVAL_S = 0.05
+# One `signals_summary` line at most this often (counted from the window's first signal): in a
+# replay or a burst the per-signal lines come by the thousand, and the console shows only a few.
+SUMMARY_INTERVAL_S = 10.0
+# Symbols named in a summary (the busiest); the others are only counted.
+_SUMMARY_TOP = 10
 
 _Results = list[tuple[indicators.FloatArray, indicators.FloatArray, indicators.CrossArray]]
 
 
 class SignalSink(Protocol):
     def add_signal(self, row: SignalRow) -> bool: ...
+
+
+class ChartSink(Protocol):
+    """Where the live dashboard's series go (`depthflow.live_view.LiveView`)."""
+
+    def add_series(
+        self,
+        symbol: str,
+        event_times: Sequence[datetime],
+        waps: Sequence[float],
+        sma_short: indicators.FloatArray,
+        sma_long: indicators.FloatArray,
+    ) -> int: ...
+
+    def add_signal(self, row: SignalRow, seq: int) -> None: ...
 
 
 class Position:
@@ -48,6 +80,46 @@ class Position:
             self.is_open = False
             return "close"
         return None
+
+
+class SignalSummary:
+    """Signals counted per symbol and kind since the window's first one; `take` hands out the
+    fields of a `signals_summary` line once the window is `interval_s` old."""
+
+    def __init__(
+        self, interval_s: float = SUMMARY_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._by_symbol: Counter[str] = Counter()
+        self._by_kind: Counter[str] = Counter()
+        self._since: float | None = None
+
+    def add(self, symbol: str, signal: Signal) -> None:
+        if self._since is None:
+            self._since = self._clock()
+        self._by_symbol[symbol] += 1
+        self._by_kind[signal] += 1
+
+    def take(self, *, force: bool = False) -> dict[str, object] | None:
+        """The summary fields and a new window, when due (or ``force`` and anything counted)."""
+        if self._since is None:
+            return None
+        elapsed = self._clock() - self._since
+        if elapsed < self._interval_s and not force:
+            return None
+        fields: dict[str, object] = {
+            "signals": self._by_kind.total(),
+            "open": self._by_kind["open"],
+            "close": self._by_kind["close"],
+            "seconds": round(elapsed, 1),
+            "symbols": len(self._by_symbol),
+            "by_symbol": dict(self._by_symbol.most_common(_SUMMARY_TOP)),
+        }
+        self._by_symbol.clear()
+        self._by_kind.clear()
+        self._since = None
+        return fields
 
 
 @dataclass(slots=True)
@@ -74,11 +146,14 @@ class Analytics:
         writer: SignalSink,
         metrics: Metrics,
         executor: concurrent.futures.Executor | None = None,
+        chart: ChartSink | None = None,
     ) -> None:
+        """``chart``: also hand every batch's WAPs, SMAs and signals to the live dashboard."""
         self._short = sma_short
         self._long = sma_long
         self._writer = writer
         self._metrics = metrics
+        self._chart = chart
         self._own_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthflow-sma")
@@ -93,6 +168,7 @@ class Analytics:
         self._stopping = False
         self._running = False
         self._run_done = asyncio.Event()
+        self._summary = SignalSummary()
 
     @property
     def pending(self) -> int:
@@ -149,6 +225,7 @@ class Analytics:
         await self.drain()
         if self._running:
             await self._run_done.wait()
+        self._log_summary(force=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
@@ -164,6 +241,12 @@ class Analytics:
             )
             for (symbol, pending), result in zip(batch.items(), results, strict=True):
                 self._emit(symbol, pending, result)
+            self._log_summary()
+
+    def _log_summary(self, *, force: bool = False) -> None:
+        fields = self._summary.take(force=force)
+        if fields is not None:
+            _log.info("signals_summary", extra={"fields": fields})
 
     def _tracker(self, symbol: str) -> indicators.SmaTracker:
         tracker = self._trackers.get(symbol)
@@ -180,6 +263,13 @@ class Analytics:
     ) -> None:
         sma_short, sma_long, cross = result
         position = self._positions[symbol]
+        chart = self._chart
+        # Once per batch, after the kernel: the dashboard gets the SMAs without computing them.
+        first = (
+            chart.add_series(symbol, pending.event_times, pending.waps, sma_short, sma_long)
+            if chart is not None
+            else 0
+        )
         # Only crossover ticks are visited in Python; a quiet batch costs one flatnonzero.
         for index in np.flatnonzero(cross).tolist():
             signal = position.on_cross(int(cross[index]))
@@ -196,6 +286,9 @@ class Analytics:
             )
             self._writer.add_signal(row)
             self._metrics.count_signal(signal)
+            self._summary.add(symbol, signal)
+            if chart is not None:
+                chart.add_signal(row, first + index)
             _log.info("trading_signal", extra={"fields": _log_fields(row)})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,11 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from depthflow.api import create_app
 from depthflow.api.data import newest_query
+from depthflow.api.history import HistoryParams, history_query
 from depthflow.config import Settings
 from depthflow.records import GAP_COLUMNS, SIGNAL_COLUMNS, TICK_COLUMNS
 from depthflow.service import Service
 from depthflow.storage import db
 from depthflow.storage.models import PriceTick
+from depthflow.storage.partitions import ensure_spans, spans_between
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATEMENT_TIMEOUT_MS = 500
@@ -49,6 +52,9 @@ async def conn(clean_db: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(db.asyncpg_dsn(clean_db))
     try:
         await connection.execute("TRUNCATE data_gaps RESTART IDENTITY")
+        # Rows copied straight in need their time partitions (the writer makes its own).
+        first = T0.date()
+        await ensure_spans(connection, list(spans_between(first, first + timedelta(days=5), 1)))
         yield connection
     finally:
         await connection.close()
@@ -119,6 +125,66 @@ async def test_gaps_newest_first_by_symbol(
     assert (await client.get("/gaps", params={"symbol": "a;b"})).status_code == 422
 
 
+async def pages(client: httpx.AsyncClient, path: str, **params: Any) -> list[list[int]]:
+    """The ids of every page of a history query, following `next` to the end."""
+    ids: list[list[int]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = await client.get(path, params=query)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"rows", "next"}
+        ids.append([row["id"] for row in body["rows"]])
+        assert response.headers.get("x-next-cursor") == body["next"]
+        cursor = body["next"]
+        if cursor is None:
+            return ids
+        assert len(ids) < 100, "the cursor must make progress"
+
+
+async def test_history_pages_cover_a_time_range_once_in_either_order(
+    client: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    # 50 ticks a second apart over two days' boundary, ties included (two rows per second).
+    times = [T0 + timedelta(days=1, seconds=-25 + s // 2) for s in range(50)]
+    ticks = [tick("BTCUSDT", t, u) for u, t in enumerate(times, start=1)]
+    await conn.copy_records_to_table("price_ticks", records=ticks, columns=TICK_COLUMNS)
+    start, end = times[10].isoformat(), times[40].isoformat()
+    expected = [i + 1 for i in range(50) if times[10] <= times[i] < times[40]]
+
+    desc = await pages(client, "/ticks", symbol="btcusdt", start=start, end=end, limit=7)
+    assert [len(p) for p in desc[:-1]] == [7] * (len(desc) - 1)
+    flat = [i for page in desc for i in page]
+    assert flat == sorted(expected, key=lambda i: (times[i - 1], i), reverse=True)
+
+    asc = await pages(client, "/ticks", start=start, end=end, limit=7, order="asc")
+    assert [i for page in asc for i in page] == flat[::-1]
+
+    # /orders: one symbol's level updates, paged the same way.
+    levels = [("BTCUSDT", t, u, "bid", 100.0 + u, 1.0) for u, t in enumerate(times, start=1)]
+    await conn.copy_records_to_table(
+        "orders",
+        records=levels,
+        columns=("symbol", "event_time", "last_update_id", "side", "price", "quantity"),
+    )
+    order_pages = await pages(client, "/orders", symbol="btcusdt", start=start, limit=9)
+    assert len({i for page in order_pages for i in page}) == sum(t >= times[10] for t in times)
+    assert (await client.get("/orders")).status_code == 422, "one symbol at a time"
+
+
+async def test_history_refuses_what_it_cannot_answer(client: httpx.AsyncClient) -> None:
+    naive = await client.get("/ticks", params={"start": "2026-01-01T00:00:00"})
+    assert naive.status_code == 422
+    assert "time zone" in naive.text
+    backwards = {"start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"}
+    assert (await client.get("/ticks", params=backwards)).status_code == 422
+    assert (await client.get("/ticks", params={"cursor": "nonsense"})).status_code == 422
+    # A cursor of the descending order is no cursor of the ascending one.
+    page = (await client.get("/signals", params={"start": "2026-01-01T00:00:00Z"})).json()
+    assert page == {"rows": [], "next": None}
+
+
 @contextlib.asynccontextmanager
 async def exclusive_lock(url: str, table: str) -> AsyncIterator[None]:
     """ACCESS EXCLUSIVE on `table`, held by another connection until the block ends."""
@@ -178,8 +244,9 @@ RARE = "RAREUSDT"  # 0.5 % of the rows
 
 
 def million_ticks() -> Iterator[tuple[Any, ...]]:
-    """One event every millisecond: nineteen busy symbols interleaved and a rarely traded one."""
-    step = timedelta(milliseconds=1)
+    """One event every 300 ms (3.5 days, four daily partitions): nineteen busy symbols
+    interleaved and a rarely traded one."""
+    step = timedelta(milliseconds=300)
     majors = itertools.cycle(MAJORS)
     for u in range(ROWS):
         symbol = RARE if u % 200 == 0 else next(majors)
@@ -199,14 +266,38 @@ async def explain(conn: asyncpg.Connection, query: Any) -> list[dict[str, Any]]:
     return list(plan_nodes(document[0]["Plan"]))
 
 
-def assert_backward_index_scan(nodes: list[dict[str, Any]], *indexes: str) -> None:
+def partition_index(parent_index: str) -> re.Pattern[str]:
+    """The name PostgreSQL gives a partition's copy of ``parent_index``
+    (``price_ticks_p20260101_symbol_event_time_idx`` for ``ix_price_ticks_symbol_event_time``)."""
+    table, columns = {
+        "ix_price_ticks_symbol_event_time": ("price_ticks", "symbol_event_time"),
+        "ix_price_ticks_event_time": ("price_ticks", "event_time"),
+    }[parent_index]
+    return re.compile(rf"^{table}_p\d{{8}}_{columns}_idx$")
+
+
+# The partitions the million rows are in; the planner may scan the empty ones (today's, made
+# ahead) any way it likes.
+FILLED = {f"price_ticks_p{T0 + timedelta(days=d):%Y%m%d}" for d in range(4)}
+
+
+def index_scans(nodes: list[dict[str, Any]], *indexes: str) -> list[dict[str, Any]]:
+    """The plan's index scans of the filled partitions, asserting they walk backwards on one of
+    ``indexes`` (each in its partition), with no sequential scan and no sort."""
     types = [n["Node Type"] for n in nodes]
     assert "Seq Scan" not in types, nodes
     assert "Sort" not in types, nodes  # an Incremental Sort (ties on id only) is fine
-    scans = [n for n in nodes if n["Node Type"] in {"Index Scan", "Index Only Scan"}]
-    assert len(scans) == 1, nodes
-    assert scans[0]["Index Name"] in indexes, nodes
-    assert scans[0]["Scan Direction"] == "Backward", nodes
+    scans = [
+        n
+        for n in nodes
+        if n["Node Type"] in {"Index Scan", "Index Only Scan"} and n["Relation Name"] in FILLED
+    ]
+    assert scans, nodes
+    patterns = [partition_index(index) for index in indexes]
+    for scan in scans:
+        assert any(p.match(scan["Index Name"]) for p in patterns), scan["Index Name"]
+        assert scan["Scan Direction"] == "Backward", scan
+    return scans
 
 
 async def test_newest_ticks_walk_an_index_backwards_on_a_million_rows(
@@ -221,15 +312,34 @@ async def test_newest_ticks_walk_an_index_backwards_on_a_million_rows(
         filled_s = time.monotonic() - started
 
         rare = await explain(conn, newest_query(PriceTick, RARE.lower(), 100))
-        assert_backward_index_scan(rare, "ix_price_ticks_symbol_event_time")
+        index_scans(rare, "ix_price_ticks_symbol_event_time")
         # For a busy symbol PostgreSQL may as well walk (event_time) and skip the others' rows
         # (the table is in time order, so that is a sequential read): either index, no sort.
         busy = await explain(conn, newest_query(PriceTick, MAJORS[0].lower(), 100))
-        assert_backward_index_scan(
-            busy, "ix_price_ticks_symbol_event_time", "ix_price_ticks_event_time"
-        )
+        index_scans(busy, "ix_price_ticks_symbol_event_time", "ix_price_ticks_event_time")
         every_symbol = await explain(conn, newest_query(PriceTick, None, 1000))
-        assert_backward_index_scan(every_symbol, "ix_price_ticks_event_time")
+        index_scans(every_symbol, "ix_price_ticks_event_time")
+        # A range inside one day reads that day's partition alone (pruned at plan time).
+        day = T0 + timedelta(days=1)
+        page = HistoryParams(day, day + timedelta(hours=6), "desc", None, 100)
+        for symbol in (RARE, MAJORS[0], None):
+            ranged = await explain(
+                conn, history_query(PriceTick.__table__, "event_time", symbol, page)
+            )
+            scans = index_scans(
+                ranged, "ix_price_ticks_symbol_event_time", "ix_price_ticks_event_time"
+            )
+            assert {s["Relation Name"] for s in scans} == {f"price_ticks_p{day:%Y%m%d}"}
+        # The next page after a deep cursor is one more descent of the same index.
+        deep = HistoryParams(None, None, "desc", (day + timedelta(hours=12), 123_456), 100)
+        cursor_plan = await explain(
+            conn, history_query(PriceTick.__table__, "event_time", RARE, deep)
+        )
+        index_scans(cursor_plan, "ix_price_ticks_symbol_event_time")
+        # Partitions after the cursor's time are pruned (today's included).
+        scanned = {n["Relation Name"] for n in cursor_plan if "Relation Name" in n}
+        assert f"price_ticks_p{day:%Y%m%d}" in scanned
+        assert max(scanned) == f"price_ticks_p{day:%Y%m%d}", scanned
     finally:
         await conn.execute("TRUNCATE price_ticks RESTART IDENTITY")
     print(f"filled {ROWS} ticks and analyzed in {filled_s:.1f} s")

@@ -13,9 +13,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 
-from depthflow.records import GAP_COLUMNS, ORDER_COLUMNS, SIGNAL_COLUMNS, TICK_COLUMNS
+from depthflow.records import (
+    CHECKPOINT_COLUMNS,
+    GAP_COLUMNS,
+    ORDER_COLUMNS,
+    SIGNAL_COLUMNS,
+    TICK_COLUMNS,
+)
 from depthflow.storage import db
 from depthflow.storage.models import Base
+from depthflow.storage.partitions import is_partition
 
 BIGINT, TEXT, TSTZ, DOUBLE = "bigint", "text", "timestamp with time zone", "double precision"
 
@@ -64,6 +71,28 @@ EXPECTED_COLUMNS = {
         ("detected_at", TSTZ),
     ],
     "ingest_batches": [("batch_id", "uuid"), ("rows", "integer"), ("written_at", TSTZ)],
+    "runs": [
+        ("id", BIGINT),
+        ("source", TEXT),
+        ("file_path", TEXT),
+        ("file_sha256", TEXT),
+        ("symbols", "ARRAY"),
+        ("status", TEXT),
+        ("host", TEXT),
+        ("pid", "integer"),
+        ("started_at", TSTZ),
+        ("last_seen_at", TSTZ),
+        ("ended_at", TSTZ),
+        ("update_ids", "jsonb"),
+    ],
+    "book_checkpoints": [
+        ("id", BIGINT),
+        ("symbol", TEXT),
+        ("event_time", TSTZ),
+        ("last_update_id", BIGINT),
+        ("bids", "ARRAY"),  # of double precision, two dimensions (information_schema says ARRAY)
+        ("asks", "ARRAY"),
+    ],
 }
 EXPECTED_INDEXES = {
     ("price_ticks", "ix_price_ticks_symbol_event_time", ("symbol", "event_time")),
@@ -74,6 +103,12 @@ EXPECTED_INDEXES = {
     ("trading_signals", "ix_trading_signals_event_time", ("event_time",)),
     ("data_gaps", "ix_data_gaps_symbol_to_time", ("symbol", "to_time")),
     ("data_gaps", "ix_data_gaps_symbol_to_update_id", ("symbol", "to_update_id")),
+    ("book_checkpoints", "ix_book_checkpoints_symbol_event_time", ("symbol", "event_time")),
+    (
+        "book_checkpoints",
+        "ix_book_checkpoints_symbol_last_update_id",
+        ("symbol", "last_update_id"),
+    ),
 }
 
 
@@ -102,6 +137,8 @@ async def _columns(url: str) -> dict[str, list[tuple[str, str]]]:
     )
     columns: dict[str, list[tuple[str, str]]] = {}
     for row in rows:
+        if is_partition(row["table_name"]):
+            continue
         columns.setdefault(row["table_name"], []).append((row["column_name"], row["data_type"]))
     return columns
 
@@ -119,11 +156,19 @@ async def _indexes(url: str) -> set[tuple[str, str, tuple[str, ...]]]:
         "WHERE n.nspname = 'public' AND NOT x.indisprimary "
         "GROUP BY t.relname, i.relname",
     )
-    return {(r["table_name"], r["index_name"], tuple(r["columns"])) for r in rows}
+    return {
+        (r["table_name"], r["index_name"], tuple(r["columns"]))
+        for r in rows
+        if not is_partition(r["table_name"])
+    }
 
 
 def _diff(connection: Connection) -> list[object]:
-    return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+    def parents_only(name: str | None, type_: str, parent_names: object) -> bool:
+        return not (type_ == "table" and name is not None and is_partition(name))
+
+    context = MigrationContext.configure(connection, opts={"include_name": parents_only})
+    return list(compare_metadata(context, Base.metadata))
 
 
 async def test_migrate_creates_the_database_and_the_contract_schema(scratch_url: str) -> None:
@@ -137,10 +182,12 @@ async def test_migrate_creates_the_database_and_the_contract_schema(scratch_url:
         "SELECT table_name FROM information_schema.columns "
         "WHERE column_name = 'id' AND is_identity = 'YES' ORDER BY table_name",
     )
-    assert [r["table_name"] for r in identity] == [
+    assert [r["table_name"] for r in identity if not is_partition(r["table_name"])] == [
+        "book_checkpoints",
         "data_gaps",
         "orders",
         "price_ticks",
+        "runs",
         "trading_signals",
     ]
 
@@ -150,6 +197,7 @@ def test_row_shapes_follow_the_table_column_order() -> None:
     assert tuple(c for c, _ in EXPECTED_COLUMNS["orders"][1:]) == ORDER_COLUMNS
     assert tuple(c for c, _ in EXPECTED_COLUMNS["trading_signals"][1:-1]) == SIGNAL_COLUMNS
     assert tuple(c for c, _ in EXPECTED_COLUMNS["data_gaps"][1:-1]) == GAP_COLUMNS
+    assert tuple(c for c, _ in EXPECTED_COLUMNS["book_checkpoints"][1:]) == CHECKPOINT_COLUMNS
 
 
 async def test_models_and_migrations_do_not_drift(scratch_url: str) -> None:

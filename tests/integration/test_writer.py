@@ -143,6 +143,7 @@ async def test_flushes_when_batch_is_full_without_waiting_for_the_delay(harness:
         "orders": 8,
         "trading_signals": 0,
         "data_gaps": 0,
+        "book_checkpoints": 0,
     }
     assert harness.metrics.rows_written["orders"] == 8
 
@@ -254,6 +255,7 @@ async def test_retry_of_a_batch_committed_with_its_ack_lost_writes_nothing_again
         "orders": 6,
         "trading_signals": 0,
         "data_gaps": 0,
+        "book_checkpoints": 0,
     }
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from depthflow import __version__
-from depthflow.api import data, monitoring
+from depthflow.api import dashboard, data, docs, monitoring
 from depthflow.config import Settings
 from depthflow.service import Service
 
@@ -36,7 +36,13 @@ def create_app(
         version=__version__,
         description="Binance order-book ingestion: local books, WAP ticks, SMA-crossover signals.",
         lifespan=lifespan,
+        # Served by `docs.router` from the package's own assets, so they work offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.include_router(monitoring.router)
     app.include_router(data.router)
+    app.include_router(docs.router)
+    # Its lifespan (the frame producer) runs inside the service's: started after, stopped before.
+    app.include_router(dashboard.router)
     return app

@@ -1,4 +1,4 @@
-"""Data routes: the live local book, and the newest stored ticks, signals and data gaps.
+"""Data routes: the live local book or a past one, and the newest stored ticks, signals and gaps.
 
 Every stored-row query runs on the API engine, whose connections carry a statement timeout
 (lock waits included) and whose pool wait is bounded: a slow or blocked database answers 503 with
@@ -7,25 +7,33 @@ the reason instead of holding the request.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import asyncpg
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from pydantic import BaseModel
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from depthflow.api.deps import ServiceDep
+from depthflow.api.history import HistoryParams, history_query, next_cursor, page_params
+from depthflow.book_history import parse_at
 from depthflow.service import Service
-from depthflow.storage.models import DataGap, PriceTick, TradingSignal
+from depthflow.storage.book_at import Hole, NoCheckpoint, book_at
+from depthflow.storage.models import DataGap, Order, PriceTick, TradingSignal
 
 __all__ = ["newest_query", "router"]
 
 router = APIRouter(tags=["data"])
 
-Limit = Annotated[int, Query(ge=1, le=1000, description="Rows to return, newest first")]
+RowT = TypeVar("RowT", bound=BaseModel)
+RequiredSymbol = Annotated[
+    str, Query(max_length=30, pattern=r"^[A-Za-z0-9]+$", description="e.g. btcusdt")
+]
 SymbolFilter = Annotated[
     str | None, Query(max_length=30, pattern=r"^[A-Za-z0-9]+$", description="e.g. btcusdt")
 ]
@@ -34,6 +42,8 @@ SymbolFilter = Annotated[
 class Book(BaseModel):
     symbol: str
     last_update_id: int | None
+    # Of the event the book is after; given for a past book (`at=`).
+    event_time: datetime | None = None
     bids: list[tuple[float, float]]
     asks: list[tuple[float, float]]
 
@@ -63,6 +73,16 @@ class Gap(BaseModel):
     detected_at: datetime
 
 
+class OrderLevel(BaseModel):
+    id: int
+    symbol: str
+    event_time: datetime
+    last_update_id: int
+    side: str
+    price: float
+    quantity: float
+
+
 class Signal(BaseModel):
     id: int
     symbol: str
@@ -75,11 +95,35 @@ class Signal(BaseModel):
     created_at: datetime
 
 
-@router.get("/book/{symbol}", response_model=Book, responses={404: {"description": "Unknown"}})
+At = Annotated[
+    str | None,
+    Query(
+        max_length=40,
+        description="A past instant: an update id, or an ISO-8601 time with a zone. The book "
+        "is then rebuilt from stored data (the checkpoint before it and the level updates up "
+        "to it) instead of read from the live book.",
+    ),
+]
+
+
+@router.get(
+    "/book/{symbol}",
+    response_model=Book,
+    responses={
+        404: {"description": "Unknown symbol, or nothing stored at or before `at`"},
+        409: {"description": "A recorded gap makes the book at `at` unknowable"},
+        422: {"description": "`at` is neither an update id nor a time with a zone"},
+    },
+)
 async def book(
-    symbol: str, service: ServiceDep, depth: Annotated[int, Query(ge=1, le=5000)] = 10
+    symbol: str,
+    service: ServiceDep,
+    depth: Annotated[int, Query(ge=1, le=5000)] = 10,
+    at: At = None,
 ) -> Book:
-    """The live local order book, best levels first."""
+    """The live local order book, best levels first; with `at`, the stored book then."""
+    if at is not None:
+        return await _book_at(service, symbol, at, depth)
     sync = service.pipeline.syncs.get(symbol.upper())
     if sync is None:
         raise HTTPException(404, f"symbol {symbol!r} is not configured")
@@ -92,60 +136,151 @@ async def book(
     )
 
 
+async def _book_at(service: Service, symbol: str, at: str, depth: int) -> Book:
+    try:
+        instant = parse_at(at)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    async with _database_errors(), service.engine.connect() as conn:
+        past = await book_at(conn, symbol, instant)
+    if isinstance(past, NoCheckpoint):
+        raise HTTPException(404, f"no stored book of {past.symbol} at or before {at}")
+    if isinstance(past, Hole):
+        raise HTTPException(
+            409,
+            {
+                "message": f"the book of {past.symbol} at {at} is unknowable: update ids "
+                f"{past.from_update_id}..{past.to_update_id} were not stored ({past.reason})",
+                "gap": {
+                    "from_update_id": past.from_update_id,
+                    "to_update_id": past.to_update_id,
+                    "reason": past.reason,
+                },
+            },
+        )
+    bids, asks = past.top(depth)
+    return Book(
+        symbol=past.symbol,
+        last_update_id=past.last_update_id,
+        event_time=past.event_time,
+        bids=bids,
+        asks=asks,
+    )
+
+
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"description": "Database unavailable, busy, or the query exceeded its timeout"}
 }
 # SQLSTATE query_canceled: the statement timeout fired (or an operator cancelled the query).
 _QUERY_CANCELED = "57014"
 
-# The time column each table is listed by, newest first; all three have a (symbol, column) index.
-_NEWEST_BY = {"price_ticks": "event_time", "trading_signals": "event_time", "data_gaps": "to_time"}
-Listed = type[PriceTick] | type[TradingSignal] | type[DataGap]
+# The time column each table is listed by; each has a (symbol, column) index.
+_TIME_OF = {
+    "price_ticks": "event_time",
+    "trading_signals": "event_time",
+    "data_gaps": "to_time",
+    "orders": "event_time",
+}
+Listed = type[PriceTick] | type[TradingSignal] | type[DataGap] | type[Order]
+_PAGING = (
+    'With `start`, `end` or `cursor` the answer is a page, `{"rows": [...], "next": ...}`: '
+    "pass `next` as `cursor` for the page after (null on the last). Without them, the newest "
+    "rows as a list. The `X-Next-Cursor` header carries `next` either way."
+)
+Paging = Annotated[HistoryParams, Depends(page_params)]
 
 
-@router.get("/ticks", response_model=list[Tick], responses=_UNAVAILABLE)
-async def ticks(service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100) -> list[Tick]:
-    """The newest stored ticks first (by event time)."""
-    rows = await _fetch(service, newest_query(PriceTick, symbol, limit))
-    return [Tick.model_validate(row) for row in rows]
+class Page(BaseModel, Generic[RowT]):
+    rows: list[RowT]
+    next: str | None
 
 
-@router.get("/signals", response_model=list[Signal], responses=_UNAVAILABLE)
+@router.get(
+    "/ticks",
+    response_model=list[Tick] | Page[Tick],
+    responses=_UNAVAILABLE,
+    description="Stored ticks, newest first by event time. " + _PAGING,
+)
+async def ticks(
+    service: ServiceDep, response: Response, page: Paging, symbol: SymbolFilter = None
+) -> list[Tick] | Page[Tick]:
+    return await _listed(service, response, PriceTick, Tick, symbol, page)
+
+
+@router.get(
+    "/signals",
+    response_model=list[Signal] | Page[Signal],
+    responses=_UNAVAILABLE,
+    description="Stored signals, newest first by event time. " + _PAGING,
+)
 async def signals(
-    service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100
-) -> list[Signal]:
-    """The newest stored signals first (by event time)."""
-    rows = await _fetch(service, newest_query(TradingSignal, symbol, limit))
-    return [Signal.model_validate(row) for row in rows]
+    service: ServiceDep, response: Response, page: Paging, symbol: SymbolFilter = None
+) -> list[Signal] | Page[Signal]:
+    return await _listed(service, response, TradingSignal, Signal, symbol, page)
 
 
-@router.get("/gaps", response_model=list[Gap], responses=_UNAVAILABLE)
-async def gaps(service: ServiceDep, symbol: SymbolFilter = None, limit: Limit = 100) -> list[Gap]:
-    """The newest recorded holes in the stored sequences first (by the event time after them)."""
-    rows = await _fetch(service, newest_query(DataGap, symbol, limit))
-    return [Gap.model_validate(row) for row in rows]
+@router.get(
+    "/gaps",
+    response_model=list[Gap] | Page[Gap],
+    responses=_UNAVAILABLE,
+    description="Recorded holes in the stored sequences, newest first by the event time after "
+    "them (`to_time`). " + _PAGING,
+)
+async def gaps(
+    service: ServiceDep, response: Response, page: Paging, symbol: SymbolFilter = None
+) -> list[Gap] | Page[Gap]:
+    return await _listed(service, response, DataGap, Gap, symbol, page)
+
+
+@router.get(
+    "/orders",
+    response_model=list[OrderLevel] | Page[OrderLevel],
+    responses=_UNAVAILABLE,
+    description="Stored level updates of one symbol (quantity 0: level removed), newest first "
+    "by event time. " + _PAGING,
+)
+async def orders(
+    service: ServiceDep, response: Response, page: Paging, symbol: RequiredSymbol
+) -> list[OrderLevel] | Page[OrderLevel]:
+    return await _listed(service, response, Order, OrderLevel, symbol, page)
+
+
+async def _listed(
+    service: Service,
+    response: Response,
+    model: Listed,
+    shape: type[RowT],
+    symbol: str | None,
+    page: HistoryParams,
+) -> list[RowT] | Page[RowT]:
+    time_name = _TIME_OF[model.__tablename__]
+    rows = await _fetch(service, history_query(model.__table__, time_name, symbol, page))
+    rows, cursor = next_cursor(rows, time_name, page)
+    if cursor is not None:
+        response.headers["X-Next-Cursor"] = cursor
+    body = [shape.model_validate(row) for row in rows]
+    return Page[shape](rows=body, next=cursor) if page.is_history else body  # type: ignore[valid-type]
 
 
 def newest_query(model: Listed, symbol: str | None, limit: int) -> Select[Any]:
-    """``SELECT * ... [WHERE symbol = ?] ORDER BY <time> DESC, id DESC LIMIT ?``.
-
-    Ordered by time rather than id so that both forms walk an index backwards and stop after
-    `limit` rows: ``(symbol, <time>)`` with a symbol, ``(<time>)`` without (ticks and signals;
-    the gaps table stays small). Ids only break ties.
-    """
-    table = model.__table__
-    time_column = table.c[_NEWEST_BY[model.__tablename__]]
-    query = select(table).order_by(time_column.desc(), table.c.id.desc()).limit(limit)
-    if symbol:
-        query = query.where(table.c.symbol == symbol.upper())
-    return query
+    """The newest rows, as the routes ask for them without a range: ``... ORDER BY <time> DESC,
+    id DESC LIMIT limit + 1``, which walks the ``(symbol, <time>)`` index backwards (with a
+    symbol) or ``(<time>)`` (ticks and signals without) and stops after the page."""
+    page = HistoryParams(start=None, end=None, order="desc", after=None, limit=limit)
+    return history_query(model.__table__, _TIME_OF[model.__tablename__], symbol, page)
 
 
 async def _fetch(service: Service, query: Select[Any]) -> list[dict[str, Any]]:
+    async with _database_errors(), service.engine.connect() as conn:
+        result = await conn.execute(query)
+        return [dict(row) for row in result.mappings()]
+
+
+@contextlib.asynccontextmanager
+async def _database_errors() -> AsyncIterator[None]:
+    """A database that is away, busy or too slow answers 503 with the reason."""
     try:
-        async with service.engine.connect() as conn:
-            result = await conn.execute(query)
-            return [dict(row) for row in result.mappings()]
+        yield
     except PoolTimeoutError as exc:
         raise HTTPException(503, "database busy: no free connection in the pool") from exc
     except DBAPIError as exc:

@@ -1,4 +1,4 @@
-"""One idempotent batch write: a marker insert and the COPY of three tables in one transaction.
+"""One idempotent batch write: a marker insert and the COPY of every table in one transaction.
 
 Each batch carries a uuid recorded in ``ingest_batches`` inside the same transaction as its rows.
 A retry re-sends the same batch with the same uuid; the marker insert (``ON CONFLICT DO NOTHING``)
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import asyncpg
@@ -18,17 +18,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.records import (
+    CHECKPOINT_COLUMNS,
     GAP_COLUMNS,
     ORDER_COLUMNS,
     SIGNAL_COLUMNS,
     TICK_COLUMNS,
+    CheckpointRow,
     GapRow,
     OrderRow,
     SignalRow,
     TickRow,
 )
+from depthflow.storage.partitions import KnownSpans, batch_spans, ensure_spans
 
 __all__ = [
+    "CHECKPOINTS",
     "COPY_CHUNK_ROWS",
     "GAPS",
     "ORDERS",
@@ -43,6 +47,7 @@ TICKS: Final = "price_ticks"
 ORDERS: Final = "orders"
 SIGNALS: Final = "trading_signals"
 GAPS: Final = "data_gaps"
+CHECKPOINTS: Final = "book_checkpoints"
 
 # What a write attempt may raise when the database is away, slow or refuses a row.
 WRITE_ERRORS: Final = (
@@ -81,11 +86,18 @@ class Batch:
     orders: list[OrderRow]
     signals: list[SignalRow]
     gaps: list[GapRow]
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
     poison_failures: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.ticks) + len(self.orders) + len(self.signals) + len(self.gaps)
+        return (
+            len(self.ticks)
+            + len(self.orders)
+            + len(self.signals)
+            + len(self.gaps)
+            + len(self.checkpoints)
+        )
 
     def tables(self) -> tuple[tuple[str, list[Any]], ...]:
         """Each table's name with this batch's rows for it."""
@@ -94,6 +106,7 @@ class Batch:
             (ORDERS, self.orders),
             (SIGNALS, self.signals),
             (GAPS, self.gaps),
+            (CHECKPOINTS, self.checkpoints),
         )
 
     def rejected_for_good(self, exc: BaseException) -> bool:
@@ -104,12 +117,17 @@ class Batch:
         return self.poison_failures >= _POISON_ATTEMPTS
 
 
-async def write_batch(engine: AsyncEngine, batch: Batch) -> bool:
-    """COPY the batch and its marker in one transaction; False if it was committed before."""
+async def write_batch(engine: AsyncEngine, batch: Batch, spans: KnownSpans | None = None) -> bool:
+    """COPY the batch and its marker in one transaction; False if it was committed before.
+
+    With ``spans``, the time partitions its rows need are created first when not known yet
+    (a replay of an old recording, the first batch after midnight before maintenance ran)."""
     async with engine.connect() as conn:
         try:
             raw = await conn.get_raw_connection()
             apg: Any = raw.driver_connection
+            if spans is not None:
+                await _ensure_partitions(apg, batch, spans)
             async with apg.transaction():
                 if await apg.fetchval(_MARK_BATCH, batch.batch_id, batch.rows) is None:
                     return False
@@ -118,6 +136,8 @@ async def write_batch(engine: AsyncEngine, batch: Batch) -> bool:
                 await _copy(apg, SIGNALS, SIGNAL_COLUMNS, batch.signals)
                 # In the same transaction as the ticks after it: a hole is never stored unrecorded.
                 await _copy(apg, GAPS, GAP_COLUMNS, batch.gaps)
+                # Few rows, but each a whole book (up to thousands of levels): one per COPY.
+                await _copy(apg, CHECKPOINTS, CHECKPOINT_COLUMNS, batch.checkpoints, chunk=1)
             return True
         except BaseException:
             # The driver connection may be dead or mid-COPY: never hand it back to the pool.
@@ -125,16 +145,23 @@ async def write_batch(engine: AsyncEngine, batch: Batch) -> bool:
             raise
 
 
-async def _copy(apg: Any, table: str, columns: Sequence[str], rows: list[Any]) -> None:
+async def _copy(
+    apg: Any, table: str, columns: Sequence[str], rows: list[Any], chunk: int = COPY_CHUNK_ROWS
+) -> None:
     # COPY, not executemany INSERT: bench/writer.py measured order rows at 206k vs 117k rows/s in
     # 1k-row batches and 278k vs 150k in 10k-row batches (~1.8x; PostgreSQL 15 on loopback).
     # asyncpg encodes a COPY's rows in one synchronous stretch (~1 us a row): one COPY per
     # chunk hands the event loop back between them, at one round trip per chunk.
     names = list(columns)
-    for start in range(0, len(rows), COPY_CHUNK_ROWS):
-        await apg.copy_records_to_table(
-            table, records=rows[start : start + COPY_CHUNK_ROWS], columns=names
-        )
+    for start in range(0, len(rows), chunk):
+        await apg.copy_records_to_table(table, records=rows[start : start + chunk], columns=names)
+
+
+async def _ensure_partitions(apg: Any, batch: Batch, spans: KnownSpans) -> None:
+    missing = spans.missing(batch_spans(batch.tables(), spans.days))
+    if missing:
+        await ensure_spans(apg, missing)
+        spans.add(missing)
 
 
 def _is_poison(exc: BaseException) -> bool:

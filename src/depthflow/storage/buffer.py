@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final, Generic, TypeVar
 
-from depthflow.records import GapRow, OrderRow, SignalRow, TickRow
+from depthflow.records import CheckpointRow, GapRow, OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import Batch
 
 __all__ = ["CHUNK_ROWS", "ChunkedRows", "RowBuffer"]
@@ -29,7 +29,8 @@ class RowBuffer:
         self._orders: ChunkedRows[OrderRow] = ChunkedRows()
         self._signals: ChunkedRows[SignalRow] = ChunkedRows()
         self._gaps: list[GapRow] = []
-        self.queued = 0  # rows in the four queues above
+        self._checkpoints: list[CheckpointRow] = []
+        self.queued = 0  # rows in the five queues above
         self.oldest = 0.0  # monotonic arrival time of the oldest queued row
         self.pending: Batch | None = None  # taken from the lists, not yet known committed
         self._pending_rows = 0
@@ -56,6 +57,11 @@ class RowBuffer:
         self._count(1)
         self._gaps.append(row)
 
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        """Queue one book checkpoint."""
+        self._count(1)
+        self._checkpoints.append(row)
+
     def _count(self, n: int) -> None:
         if n and not self.queued:
             self.oldest = time.monotonic()
@@ -78,7 +84,9 @@ class RowBuffer:
         signals = self._signals.take(n)
         # Every queued gap goes with the first batch: it may only precede the ticks after it.
         gaps, self._gaps = self._gaps, []
-        batch = Batch(uuid.uuid4(), ticks, orders, signals, gaps)
+        # Checkpoints too: each stands alone (rebuilds read the orders after it, whenever stored).
+        checkpoints, self._checkpoints = self._checkpoints, []
+        batch = Batch(uuid.uuid4(), ticks, orders, signals, gaps, checkpoints)
         # Rows left queued keep `oldest`: conservative, their flush can come early but never late.
         self.queued -= batch.rows
         self.pending = batch

@@ -10,12 +10,34 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Double, Identity, Index, Integer, Text, Uuid, func
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Double,
+    Identity,
+    Index,
+    Integer,
+    Text,
+    Uuid,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "DataGap", "IngestBatch", "Order", "PriceTick", "TradingSignal"]
+__all__ = [
+    "Base",
+    "BookCheckpoint",
+    "DataGap",
+    "IngestBatch",
+    "Order",
+    "PriceTick",
+    "Run",
+    "TradingSignal",
+]
 
 TIMESTAMPTZ = DateTime(timezone=True)
+# Range-partitioned on event_time (see `depthflow.storage.partitions`).
+PARTITIONED = {"postgresql_partition_by": "RANGE (event_time)"}
 
 
 class Base(DeclarativeBase):
@@ -29,7 +51,8 @@ class PriceTick(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     symbol: Mapped[str] = mapped_column(Text)
-    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    # Part of the key: PostgreSQL requires a partitioned table's key to hold its partition key.
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
     first_update_id: Mapped[int] = mapped_column(BigInteger)
     last_update_id: Mapped[int] = mapped_column(BigInteger)
@@ -43,6 +66,7 @@ class PriceTick(Base):
         Index("ix_price_ticks_symbol_event_time", "symbol", "event_time"),
         Index("ix_price_ticks_symbol_last_update_id", "symbol", "last_update_id"),
         Index("ix_price_ticks_event_time", "event_time"),
+        PARTITIONED,
     )
 
 
@@ -53,13 +77,14 @@ class Order(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     symbol: Mapped[str] = mapped_column(Text)
-    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    # Part of the key: PostgreSQL requires a partitioned table's key to hold its partition key.
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ, primary_key=True)
     last_update_id: Mapped[int] = mapped_column(BigInteger)
     side: Mapped[str] = mapped_column(Text)
     price: Mapped[float] = mapped_column(Double)
     quantity: Mapped[float] = mapped_column(Double)
 
-    __table_args__ = (Index("ix_orders_symbol_event_time", "symbol", "event_time"),)
+    __table_args__ = (Index("ix_orders_symbol_event_time", "symbol", "event_time"), PARTITIONED)
 
 
 class TradingSignal(Base):
@@ -73,13 +98,15 @@ class TradingSignal(Base):
     price: Mapped[float] = mapped_column(Double)
     sma_short: Mapped[float] = mapped_column(Double)
     sma_long: Mapped[float] = mapped_column(Double)
-    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ)
+    # Part of the key: PostgreSQL requires a partitioned table's key to hold its partition key.
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ, primary_key=True)
     last_update_id: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
 
     __table_args__ = (
         Index("ix_trading_signals_symbol_event_time", "symbol", "event_time"),
         Index("ix_trading_signals_event_time", "event_time"),
+        PARTITIONED,
     )
 
 
@@ -104,6 +131,58 @@ class DataGap(Base):
     __table_args__ = (
         Index("ix_data_gaps_symbol_to_time", "symbol", "to_time"),
         Index("ix_data_gaps_symbol_to_update_id", "symbol", "to_update_id"),
+    )
+
+
+class BookCheckpoint(Base):
+    """The whole local book of a symbol after the event ``last_update_id``: written when a book
+    goes live and every ``CHECKPOINT_INTERVAL_S``. With the ``orders`` rows after it, it rebuilds
+    the book at any later instant up to the next hole in the stored sequence."""
+
+    __tablename__ = "book_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    symbol: Mapped[str] = mapped_column(Text)
+    # Part of the key: PostgreSQL requires a partitioned table's key to hold its partition key.
+    event_time: Mapped[datetime] = mapped_column(TIMESTAMPTZ, primary_key=True)
+    last_update_id: Mapped[int] = mapped_column(BigInteger)
+    # [[price, qty], ...] best first: a 2-D array, as /book answers.
+    bids: Mapped[list[list[float]]] = mapped_column(ARRAY(Double, dimensions=2))
+    asks: Mapped[list[list[float]]] = mapped_column(ARRAY(Double, dimensions=2))
+
+    __table_args__ = (
+        Index("ix_book_checkpoints_symbol_event_time", "symbol", "event_time"),
+        Index("ix_book_checkpoints_symbol_last_update_id", "symbol", "last_update_id"),
+        PARTITIONED,
+    )
+
+
+class Run(Base):
+    """One ingesting process or replay: where its rows came from and which it wrote.
+
+    A stored row (symbol, last_update_id) belongs to the run whose ``update_ids`` range of that
+    symbol holds it; ``update_ids`` is ``{"BTCUSDT": [first, last], ...}``, refreshed while the
+    run goes on (`last_seen_at`), so a run killed mid-way keeps what it had written by then.
+    """
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)  # live | file
+    file_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    file_sha256: Mapped[str | None] = mapped_column(Text, nullable=True)
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    status: Mapped[str] = mapped_column(Text)  # running | completed | failed | crashed
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now())
+    ended_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, nullable=True)
+    update_ids: Mapped[dict[str, list[int]]] = mapped_column(JSONB, server_default="{}")
+
+    __table_args__ = (
+        Index("ix_runs_started_at", "started_at"),
+        Index("ix_runs_file_sha256", "file_sha256"),
     )
 
 

@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.accounting import ErrorKind, GapReason, LossReason
 from depthflow.metrics import Metrics
-from depthflow.records import GapRow, OrderRow, SignalRow, TickRow
+from depthflow.records import CheckpointRow, GapRow, OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import (
+    CHECKPOINTS,
     GAPS,
     ORDERS,
     SIGNALS,
@@ -33,6 +34,7 @@ from depthflow.storage.batches import (
     write_batch,
 )
 from depthflow.storage.buffer import RowBuffer
+from depthflow.storage.partitions import KnownSpans
 
 __all__ = ["CATCH_UP_FACTOR", "SLOW_ATTEMPT_S", "BatchWriter", "WriteBatch"]
 
@@ -69,9 +71,14 @@ class BatchWriter:
         batch_max_rows: int,
         batch_max_delay_ms: int,
         buffer_max_rows: int,
+        partition_days: int = 1,
         write: WriteBatch | None = None,
     ) -> None:
-        self._write: WriteBatch = write if write is not None else partial(write_batch, engine)
+        # The time partitions known to exist; `forget_partitions` after retention dropped some.
+        self.partitions = KnownSpans(partition_days)
+        self._write: WriteBatch = (
+            write if write is not None else partial(write_batch, engine, spans=self.partitions)
+        )
         self._metrics = metrics
         self._batch_max_rows = max(1, batch_max_rows)
         self._max_delay_s = batch_max_delay_ms / 1000
@@ -92,7 +99,13 @@ class BatchWriter:
         self._last_attempt_s = 0.0  # duration of the last finished attempt
         # Set when a backpressure wait timed out; cleared by the next write that completes.
         self._backpressure_off = False
-        self.rows_written: dict[str, int] = {TICKS: 0, ORDERS: 0, SIGNALS: 0, GAPS: 0}
+        self.rows_written: dict[str, int] = {
+            TICKS: 0,
+            ORDERS: 0,
+            SIGNALS: 0,
+            GAPS: 0,
+            CHECKPOINTS: 0,
+        }
 
     # -- hot path ----------------------------------------------------------------------------------
 
@@ -118,6 +131,17 @@ class BatchWriter:
             return False
         self._buffer.add_gap(row)
         self._wake.set()
+        return True
+
+    def add_checkpoint(self, row: CheckpointRow) -> bool:
+        """Queue one book checkpoint; False (an error counted, no event lost: the book just
+        cannot be rebuilt past the next hole until the next checkpoint) if the buffer is full."""
+        if self._stopped or self.buffered + 1 > self._buffer_max_rows:
+            self._metrics.count_error(ErrorKind.CHECKPOINT)
+            return False
+        self._buffer.add_checkpoint(row)
+        if self._buffer.queued == 1:
+            self._wake.set()
         return True
 
     def _admit(self, n: int) -> bool:
