@@ -581,7 +581,12 @@ class Shard:
         still needs a snapshot."""
         timeslice = TimeSlice()
         for _ in self._pipeline.load_snapshot(symbol, snapshot):
-            await timeslice.pause_if_due()
+            if timeslice.due():
+                # A replay makes rows far faster than the writer stores them: the same
+                # backpressure as live frames, or a big buffer would overflow the writer's.
+                if self._wait_capacity is not None:
+                    await self._wait_capacity()
+                await timeslice.pause()
         sync = self._pipeline.book(symbol)
         return sync is not None and sync.needs_snapshot
 

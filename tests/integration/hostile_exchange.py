@@ -259,13 +259,14 @@ class SnapshotReply:
 
     ``body`` None: the book's snapshot as of the moment the answer starts (after ``delay_s``).
     ``trickle_s``: send the headers at once, then the body one byte every ``trickle_s`` seconds,
-    until it is all sent or the client hangs up.
+    until it is all sent or the client hangs up. ``gate``: answer only once the test sets it.
     """
 
     status: int = 200
     body: str | None = None
     delay_s: float = 0.0
     trickle_s: float | None = None
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -473,6 +474,8 @@ class HostileExchange:
         self.snapshots.append(served)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if reply.gate is not None:
+            await reply.gate.wait()
         body = reply.body if reply.body is not None else book.snapshot(limit)
         served.body = body
         if reply.trickle_s is None:

@@ -76,7 +76,9 @@ async def _state(client: httpx.AsyncClient) -> dict[str, Any]:
 async def _both_books_live(client: httpx.AsyncClient) -> bool:
     books = (await _state(client))["books"]
     return len(books) == 2 and all(
-        b["state"] == "live" and len(b["chart"]["points"]) >= 2 for b in books.values()
+        # No chart before the symbol's first tick has gone through the SMA kernel.
+        b["state"] == "live" and len(b.get("chart", {}).get("points", ())) >= 2
+        for b in books.values()
     )
 
 
