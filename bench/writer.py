@@ -23,6 +23,7 @@ import asyncpg
 from depthflow.metrics import Metrics
 from depthflow.records import ORDER_COLUMNS, TICK_COLUMNS, OrderRow, TickRow
 from depthflow.storage import db
+from depthflow.storage.partitions import ensure_spans, spans_between
 from depthflow.storage.writer import BatchWriter
 
 DEFAULT_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -117,6 +118,9 @@ async def main(server_url: str, n: int) -> None:
     try:
         orders, ticks = order_rows(n), tick_rows(n)
         conn = await asyncpg.connect(db.asyncpg_dsn(url))
+        # The rows' days need their time partitions (the writer makes its own; COPY here does not).
+        days = {row[1].date() for row in (orders[0], orders[-1], ticks[0], ticks[-1])}
+        await ensure_spans(conn, list(spans_between(min(days), max(days), 1)))
         lines = [
             f"rows per case: {n}",
             "",

@@ -413,7 +413,7 @@ def _add_export(commands: argparse._SubParsersAction[CommandParser]) -> None:
         type=_positive(int),
         default=50_000,
         metavar="N",
-        help="rows per database fetch and Parquet row group",
+        help="rows per Parquet row group",
     )
     export.set_defaults(run=_export)
 
@@ -433,7 +433,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     from depthflow.export import build_request, run_export
-    from depthflow.export_files import Progress
+    from depthflow.export.progress import Progress
 
     request = build_request(
         args.what,

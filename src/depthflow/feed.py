@@ -45,6 +45,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Events of one catch-up replayed before it starts waiting for the writer (~20 levels each).
+_REPLAY_BACKPRESSURE_AFTER = 2_000
+
 # A connection that lived this long was healthy: the next reconnect starts the backoff afresh.
 _STABLE_AFTER_S = 30.0
 # Both connections are read this long during a rotation: every symbol's next event (10 per
@@ -580,11 +583,13 @@ class Shard:
         """Load a snapshot, replaying the sync buffer in time slices; True while the book
         still needs a snapshot."""
         timeslice = TimeSlice()
-        for _ in self._pipeline.load_snapshot(symbol, snapshot):
+        for handled in self._pipeline.load_snapshot(symbol, snapshot):
             if timeslice.due():
-                # A replay makes rows far faster than the writer stores them: the same
-                # backpressure as live frames, or a big buffer would overflow the writer's.
-                if self._wait_capacity is not None:
+                # A long replay makes rows far faster than the writer stores them: past a
+                # few thousand events it waits for the writer like live frames do, or a big
+                # buffer would overflow the writer's. A short one (the usual sync, thousands
+                # of books at start-up) goes live without waiting on rows of other books.
+                if handled >= _REPLAY_BACKPRESSURE_AFTER and self._wait_capacity is not None:
                     await self._wait_capacity()
                 await timeslice.pause()
         sync = self._pipeline.book(symbol)

@@ -55,6 +55,10 @@ def test_the_wheel_ships_the_migrations_and_the_static_files(wheel: Path) -> Non
     versions = {p.name for p in (REPO / "alembic" / "versions").glob("*.py")}
     assert {"depthflow/migrations/env.py", "depthflow/migrations/script.py.mako"} <= names
     assert {f"depthflow/migrations/versions/{v}" for v in versions} <= names
+    # Every module of the source tree (the package list in pyproject.toml is explicit).
+    source = REPO / "src"
+    modules = {str(p.relative_to(source)) for p in (source / "depthflow").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     assert "depthflow/api/static/dashboard/index.html" in names
     assert any(n.startswith("depthflow/api/static/docs/") for n in names)
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from depthflow.book_history import PastBook
 from depthflow.errors import UserError
-from depthflow.export_files import Progress, RowSink
+from depthflow.export.files import RowSink, iso_utc
+from depthflow.export.progress import Progress
+from depthflow.export.request import ExportRequest
 from depthflow.storage import db
 from depthflow.storage.book_at import Hole, NoCheckpoint, book_at
-
-if TYPE_CHECKING:
-    from depthflow.export import ExportRequest
 
 __all__ = ["book_instants", "book_rows", "export_book", "unknowable"]
 
@@ -34,8 +32,8 @@ def book_instants(start: datetime, end: datetime, every_s: float) -> Iterator[da
 
 
 def book_rows(at: datetime, book: PastBook, depth: int | None = None) -> list[BookRow]:
-    """Rows of `depthflow.export.BOOK_COLUMNS`: bids best first, then asks best first; at most
-    ``depth`` levels a side (None: all)."""
+    """Rows of `depthflow.export.queries.BOOK_COLUMNS`: bids best first, then asks best
+    first; at most ``depth`` levels a side (None: all)."""
     bids, asks = book.top(depth if depth is not None else max(len(book.bids), len(book.asks)))
     head = (at, book.symbol, book.last_update_id, book.event_time)
     return [
@@ -62,7 +60,7 @@ async def export_book(
     instants skipped because their book is unknowable). Raises `unknowable`'s error for
     ``--at``, and a like one when no instant of a series has a book."""
     symbol = request.filters.symbol
-    assert symbol is not None, "checked by build_request"
+    assert symbol is not None, "checked by `build_request`"
     engine = db.make_engine(database_url, pool_size=1)
     try:
         async with engine.connect() as conn:
@@ -72,7 +70,8 @@ async def export_book(
                 return await _series(conn, symbol, request, sink, progress)
             past = await book_at(conn, symbol, request.at)
             if not isinstance(past, PastBook):
-                raise unknowable(past, request.at)
+                shown = iso_utc(request.at) if isinstance(request.at, datetime) else request.at
+                raise unknowable(past, shown)
             at = request.at if isinstance(request.at, datetime) else past.event_time
             rows = book_rows(at, past, request.depth)
             sink.write(rows)
@@ -87,7 +86,7 @@ async def _series(
     conn: AsyncConnection, symbol: str, request: ExportRequest, sink: RowSink, progress: Progress
 ) -> tuple[int, int]:
     start, end, every_s = request.filters.start, request.filters.end, request.every_s
-    assert start is not None, "checked by build_request"
+    assert start is not None, "checked by `build_request`"
     assert end is not None
     assert every_s is not None
     written = skipped = 0
@@ -107,5 +106,5 @@ async def _series(
     sink.write(pending)
     written += len(pending)
     if written == 0 and last is not None:
-        raise unknowable(last, f"every instant from {start.isoformat()} to {end.isoformat()}")
+        raise unknowable(last, f"every instant from {iso_utc(start)} to {iso_utc(end)}")
     return written, skipped

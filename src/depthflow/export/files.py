@@ -1,23 +1,22 @@
-"""The file side of `depthflow export`: Parquet and CSV writers, and the progress line.
+"""The file side of `depthflow export`: Parquet and CSV writers.
 
 No database here: a sink is handed chunks of rows (any sequences in column order),
-`ParquetFromCsv` the bytes of a CSV stream, a `Progress` the counts; each writes to what it is
-given.
+`ParquetFromCsv` the bytes of a CSV stream; each writes to the path or file it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol, Self, TextIO
+from typing import IO, Any, Literal, Protocol, Self
 
 from depthflow.errors import EXIT_USAGE, UserError
 
@@ -27,7 +26,6 @@ __all__ = [
     "Kind",
     "ParquetFromCsv",
     "ParquetSink",
-    "Progress",
     "RowSink",
     "iso_utc",
     "require_pyarrow",
@@ -161,9 +159,12 @@ class ParquetFromCsv:
         except BaseException as exc:
             self._error = exc
             # Keep taking blocks up to the end: the producer stops at its next `feed`, and is
-            # never left waiting on a full queue.
-            while not source.eof and self._queue.get() is not None:
-                pass
+            # never left waiting on a full queue. Arrow may still have a read in flight on an
+            # I/O thread of its own, which can take the end marker first (then `eof`).
+            while not source.eof:
+                with contextlib.suppress(queue.Empty):
+                    if self._queue.get(timeout=0.05) is None:
+                        break
 
     def _convert(self, source: _QueueReader) -> None:
         import pyarrow as pa
@@ -175,8 +176,10 @@ class ParquetFromCsv:
             return
         reader = pacsv.open_csv(
             source,
+            # One parsing thread (this one): as fast here, where COPY is the bottleneck, and
+            # without Arrow's read-ahead of blocks.
             read_options=pacsv.ReadOptions(
-                column_names=self._schema.names, block_size=_BLOCK_BYTES
+                column_names=self._schema.names, block_size=_BLOCK_BYTES, use_threads=False
             ),
             convert_options=pacsv.ConvertOptions(
                 column_types=self._schema, null_values=[""], strings_can_be_null=False
@@ -267,68 +270,3 @@ class CsvSink:
 
     def close(self) -> None:
         self._text.close()
-
-
-class Progress:
-    """Rows done, rows/s and (with a `total`) the ETA, on ``stream``: redrawn in place on a
-    terminal, else one line every ``every_s`` (5 s). `finish` clears the terminal line."""
-
-    def __init__(
-        self,
-        stream: TextIO,
-        label: str,
-        *,
-        tty: bool | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        every_s: float | None = None,
-    ) -> None:
-        self.total: int | None = None
-        self.rows = 0
-        self._stream = stream
-        self._label = label
-        self._tty = stream.isatty() if tty is None else tty
-        self._clock = clock
-        self._every_s = every_s if every_s is not None else (0.2 if self._tty else 5.0)
-        self._started = clock()
-        self._shown_at = self._started
-        self._drawn = False
-
-    def advance(self, rows: int) -> None:
-        self.rows += rows
-        now = self._clock()
-        if now - self._shown_at >= self._every_s:
-            self._shown_at = now
-            self._show(self.line(now))
-
-    def line(self, now: float) -> str:
-        elapsed = max(now - self._started, 1e-9)
-        rate = self.rows / elapsed
-        done = f"{self.rows:,}"
-        eta = ""
-        if self.total:
-            done += f" / ~{self.total:,} rows ({min(self.rows / self.total, 1.0):.0%})"
-            if rate > 0 and self.rows < self.total:
-                eta = f"  ETA {_clock_text((self.total - self.rows) / rate)}"
-        else:
-            done += " rows"
-        return f"{self._label}: {done}  {rate:,.0f} rows/s{eta}"
-
-    def _show(self, line: str) -> None:
-        if self._tty:
-            self._stream.write(f"\r\x1b[2K{line}")
-            self._drawn = True
-        else:
-            self._stream.write(line + "\n")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._drawn:
-            self._stream.write("\r\x1b[2K")
-            self._stream.flush()
-            self._drawn = False
-
-
-def _clock_text(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
