@@ -15,9 +15,9 @@ from depthflow.book_history import PastBook
 from depthflow.errors import UserError
 from depthflow.export.book import book_instants, book_rows
 from depthflow.export.files import Column, CsvSink, ParquetFromCsv
-from depthflow.export.progress import Progress
 from depthflow.export.queries import SOURCES, Filters, count_query, select_query
 from depthflow.export.request import ExportResult, build_request, parse_instant, parse_time
+from depthflow.progress import Progress
 
 AUG8 = datetime(2024, 8, 8, tzinfo=UTC)
 

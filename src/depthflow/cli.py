@@ -12,12 +12,16 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from depthflow import __version__
 from depthflow.cli_help import CommandParser, HelpFormatter
 from depthflow.config import Settings, SettingsError, load_settings, mask_url
 from depthflow.errors import EXIT_USAGE, DependencyUnreachable, UserError
 from depthflow.logs import configure_logging
+
+if TYPE_CHECKING:
+    from depthflow.metrics import Metrics
 
 __all__ = ["main"]
 
@@ -316,9 +320,13 @@ async def _record_async(settings: Settings, path: Path, duration: float | None) 
                 http, settings.binance_rest_url, timeout_s=settings.snapshot_timeout_s
             )
             feed = Feed(settings, pipeline, metrics, snapshots, tap=writer)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(duration):
-                    await feed.run()
+            shown = asyncio.create_task(_show_recorded(metrics, path, duration))
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(duration):
+                        await feed.run()
+            finally:
+                shown.cancel()
     log.info(
         "recorded",
         extra={
@@ -329,6 +337,24 @@ async def _record_async(settings: Settings, path: Path, duration: float | None) 
             }
         },
     )
+
+
+async def _show_recorded(metrics: Metrics, path: Path, duration: float | None) -> None:
+    """Frames recorded so far, and the ETA of a `--duration`, on stderr."""
+    from depthflow.progress import Progress
+
+    progress = Progress(sys.stderr, f"record {path.name}", unit="frames")
+    started = time.monotonic()
+    try:
+        while True:
+            await asyncio.sleep(0.2)
+            progress.advance(metrics.messages - progress.rows)
+            if duration:
+                # Frames arrive at the rate so far: the ETA of the frames in the whole duration.
+                elapsed = max(time.monotonic() - started, 1e-3)
+                progress.total = round(progress.rows * duration / elapsed) or None
+    finally:
+        progress.finish()
 
 
 class _Discard:
@@ -353,9 +379,11 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _replay_async(settings: Settings, path: Path, *, force: bool = False) -> None:
+    from depthflow.progress import Progress
     from depthflow.replay import run_replay
 
-    summary = await run_replay(settings, path, owns_process=True, force=force)
+    progress = Progress(sys.stderr, f"replay {path.name}", unit="frames")
+    summary = await run_replay(settings, path, owns_process=True, force=force, progress=progress)
     log.info("replayed", extra={"fields": summary})
     print(json.dumps(summary))
 
@@ -433,7 +461,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     from depthflow.export import build_request, run_export
-    from depthflow.export.progress import Progress
+    from depthflow.progress import Progress
 
     request = build_request(
         args.what,

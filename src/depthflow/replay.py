@@ -25,6 +25,7 @@ from depthflow.config import Settings
 from depthflow.errors import EXIT_USAGE, UserError
 from depthflow.events import decode_snapshot
 from depthflow.pipeline import Pipeline
+from depthflow.progress import Progress
 from depthflow.recording import RecordedFrame, RecordedSnapshot, RecordingError, read_recording
 from depthflow.service import Service
 from depthflow.storage.db import check_migrated, make_engine
@@ -55,10 +56,12 @@ async def replay(
     wait_capacity: Callable[[], Awaitable[None]] | None = None,
     *,
     stats: ReplayStats | None = None,
+    progress: Progress | None = None,
 ) -> ReplayStats:
     """Feed every recorded frame (and the snapshots a book asks for) to `pipeline`; counted in
     ``stats`` (a new one by default), which also tells how far a replay that raised got."""
     stats = ReplayStats() if stats is None else stats
+    shown = 0
     for n, item in enumerate(read_recording(path), start=1):
         if isinstance(item, RecordedFrame):
             pipeline.on_frame(item.raw, item.received_at)
@@ -66,9 +69,15 @@ async def replay(
         elif isinstance(item, RecordedSnapshot):
             _use_snapshot(pipeline, item, stats)
         if n % _YIELD_EVERY == 0:
+            if progress is not None:
+                progress.advance(stats.frames - shown)
+                shown = stats.frames
             if wait_capacity is not None:
                 await wait_capacity()
             await asyncio.sleep(0)
+    if progress is not None:
+        progress.advance(stats.frames - shown)
+        progress.finish()
     return stats
 
 
@@ -78,7 +87,12 @@ def replay_settings(settings: Settings) -> Settings:
 
 
 async def run_replay(
-    settings: Settings, path: Path, *, owns_process: bool = False, force: bool = False
+    settings: Settings,
+    path: Path,
+    *,
+    owns_process: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, float | int | None]:
     """Replay `path` into the database of `settings` (its Redis is never used); the summary:
     frame and snapshot counts, duration, throughput and the replay's own counters.
@@ -92,7 +106,7 @@ async def run_replay(
     await check_migrated(settings.database_url)
     # A pass over the file before the service starts: blocking, so off the loop.
     try:
-        sha256, ranges = await asyncio.to_thread(scan_recording, path, followed(settings))
+        sha256, ranges, frames = await asyncio.to_thread(scan_recording, path, followed(settings))
     except RecordingError as exc:
         raise UserError(f"{exc} (nothing was replayed: fix or cut the file there)") from exc
     if not force:
@@ -108,7 +122,11 @@ async def run_replay(
     started = time.monotonic()
     stats = ReplayStats()
     try:
-        await replay(path, service.pipeline, service.writer.wait_capacity, stats=stats)
+        if progress is not None:
+            progress.begin(frames, exact=True)
+        await replay(
+            path, service.pipeline, service.writer.wait_capacity, stats=stats, progress=progress
+        )
     except RecordingError as exc:
         raise UserError(
             f"{exc} (the replay stopped there; the rows of the {stats.frames} frame(s) before "
@@ -148,17 +166,19 @@ def followed(settings: Settings) -> set[str]:
     return {s.upper() for s in settings.symbols if not is_pattern(s)}
 
 
-def scan_recording(path: Path, symbols: set[str]) -> tuple[str, dict[str, tuple[int, int]]]:
-    """The file's SHA-256 and, per followed symbol, the lowest and highest update id its frames
-    end at (frames that do not decode are left out: the replay rejects them anyway)."""
+def scan_recording(path: Path, symbols: set[str]) -> tuple[str, dict[str, tuple[int, int]], int]:
+    """The file's SHA-256; per followed symbol, the lowest and highest update id its frames end
+    at (frames that do not decode are left out: the replay rejects them anyway); its frames."""
     digest = hashlib.sha256()
     with path.open("rb") as raw:
         for block in iter(lambda: raw.read(1 << 20), b""):
             digest.update(block)
     ranges: dict[str, tuple[int, int]] = {}
+    frames = 0
     for item in read_recording(path):
         if not isinstance(item, RecordedFrame):
             continue
+        frames += 1
         try:
             data = _frame_ids.decode(item.raw).data
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -167,7 +187,7 @@ def scan_recording(path: Path, symbols: set[str]) -> tuple[str, dict[str, tuple[
             continue
         low, high = ranges.get(data.s, (data.u, data.u))
         ranges[data.s] = (min(low, data.u), max(high, data.u))
-    return digest.hexdigest(), ranges
+    return digest.hexdigest(), ranges, frames
 
 
 async def _refuse_stored(

@@ -26,7 +26,7 @@ import pytest
 from depthflow.book_history import PastBook
 from depthflow.config import Settings
 from depthflow.export import SOURCES, build_request, run_export
-from depthflow.export.progress import Progress
+from depthflow.progress import Progress
 from depthflow.recording import RecordingWriter
 from depthflow.replay import run_replay
 from depthflow.simulate.market import Market

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import asyncpg
 
 from depthflow.config import Settings
+from depthflow.progress import Progress
 from depthflow.replay import run_replay
 from depthflow.service import Service
 from depthflow.storage import db
@@ -45,7 +47,11 @@ async def test_a_second_replay_of_a_file_stores_nothing_and_says_why(
     make_settings: Callable[..., Settings], clean_db: str, tmp_path: Path
 ) -> None:
     path = write_spot_recording("btcusdt", tmp_path / "btcusdt.ndjson.gz")
-    await run_replay(make_settings(symbols="btcusdt", redis_url=""), path)
+    shown = io.StringIO()
+    progress = Progress(shown, "replay", tty=False, every_s=0, unit="frames")
+    await run_replay(make_settings(symbols="btcusdt", redis_url=""), path, progress=progress)
+    # The frame count comes from the pass that checks the file before anything is stored.
+    assert shown.getvalue().splitlines()[-1].startswith("replay: 6,495 / 6,495 frames (100%)")
     ticks = await fetch(
         clean_db, "SELECT min(last_update_id), max(last_update_id), count(*) FROM price_ticks"
     )

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from depthflow.book_history import PastBook
 from depthflow.errors import UserError
 from depthflow.export.files import RowSink, iso_utc
-from depthflow.export.progress import Progress
 from depthflow.export.request import ExportRequest
+from depthflow.progress import Progress
 from depthflow.storage import db
 from depthflow.storage.book_at import Hole, NoCheckpoint, book_at
 

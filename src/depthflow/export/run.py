@@ -23,7 +23,6 @@ from sqlalchemy.exc import DBAPIError
 from depthflow.errors import UserError
 from depthflow.export.book import export_book
 from depthflow.export.files import CsvSink, ParquetFromCsv, ParquetSink, RowSink
-from depthflow.export.progress import Progress
 from depthflow.export.queries import (
     BOOK_COLUMNS,
     SOURCES,
@@ -34,6 +33,7 @@ from depthflow.export.queries import (
     select_query,
 )
 from depthflow.export.request import ExportRequest, ExportResult
+from depthflow.progress import Progress
 from depthflow.storage import db
 
 __all__ = ["run_export"]

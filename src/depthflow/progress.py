@@ -1,4 +1,4 @@
-"""The progress line of `depthflow export` on stderr: rows, rows/s and the ETA."""
+"""The progress line of `export`, `replay` and `record` on stderr: items done, rate and ETA."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class Progress:
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         every_s: float | None = None,
+        unit: str = "rows",
     ) -> None:
         self.total: int | None = None
         self.exact = False  # whether `total` is a count rather than an estimate
@@ -33,6 +34,7 @@ class Progress:
         self._started = clock()
         self._shown_at = self._started
         self._drawn = False
+        self._unit = unit
 
     def begin(self, total: int | None, *, exact: bool) -> None:
         """The rows to come (for the ETA); rates count from now on."""
@@ -53,12 +55,13 @@ class Progress:
         eta = ""
         if self.total:
             about = "" if self.exact else "~"
-            done += f" / {about}{self.total:,} rows ({min(self.rows / self.total, 1.0):.0%})"
+            share = min(self.rows / self.total, 1.0)
+            done += f" / {about}{self.total:,} {self._unit} ({share:.0%})"
             if rate > 0 and self.rows < self.total:
                 eta = f"  ETA {_clock_text((self.total - self.rows) / rate)}"
         else:
-            done += " rows"
-        return f"{self._label}: {done}  {rate:,.0f} rows/s{eta}"
+            done += f" {self._unit}"
+        return f"{self._label}: {done}  {rate:,.0f} {self._unit}/s{eta}"
 
     def _show(self, line: str) -> None:
         if self._tty:
