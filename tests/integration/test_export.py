@@ -381,8 +381,11 @@ async def test_memory_does_not_grow_with_the_rows(stored: Stored) -> None:
         "status.read_text().splitlines() if line.startswith('VmHWM:')][0], file=sys.stderr))"
     )
     # Parquet: Arrow and the writer warm up over the first row groups (small ones here, so
-    # both exports have several); then nothing grows but the file.
-    for fmt, bound_kb in (("csv", 25_000), ("parquet", 40_000)):
+    # both exports have several); then nothing grows but the file. Arrow's allocator keeps
+    # more or fewer pools depending on how the two threads interleave (43 MB seen on a machine
+    # with both cores taken by other work): the bounds leave room for that, still well below
+    # the 100 MB and more of holding the 450,000 extra rows.
+    for fmt, bound_kb in (("csv", 30_000), ("parquet", 65_000)):
         peaks = []
         for seconds in (50, 500):
             end = (T0 + timedelta(hours=1, seconds=seconds, microseconds=1)).isoformat()
