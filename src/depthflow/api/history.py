@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal
 from fastapi import HTTPException, Query
 from sqlalchemy import Select, and_, select, tuple_
 
-__all__ = ["HistoryParams", "decode_cursor", "encode_cursor", "history_query", "page_params"]
+__all__ = [
+    "HistoryParams",
+    "decode_cursor",
+    "encode_cursor",
+    "history_query",
+    "next_cursor",
+    "page_params",
+]
 
 Order = Literal["desc", "asc"]
 

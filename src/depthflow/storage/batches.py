@@ -91,13 +91,7 @@ class Batch:
 
     @property
     def rows(self) -> int:
-        return (
-            len(self.ticks)
-            + len(self.orders)
-            + len(self.signals)
-            + len(self.gaps)
-            + len(self.checkpoints)
-        )
+        return sum(len(rows) for _, rows in self.tables())
 
     def tables(self) -> tuple[tuple[str, list[Any]], ...]:
         """Each table's name with this batch's rows for it."""

@@ -13,9 +13,10 @@ The span arithmetic is pure; the functions taking a connection run the DDL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
@@ -114,22 +115,20 @@ async def ensure_spans(
     created. Raises `PartitionError` when one cannot be created now."""
     created = 0
     try:
-        await conn.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
-        for table in tables:
-            existing = {name for name, _ in await list_partitions(conn, table)}
-            for span in spans:
-                if partition_name(table, span) in existing:
-                    continue
-                await conn.execute(create_partition_sql(table, span))
-                created += 1
-                log.info(
-                    "partition_created",
-                    extra={"fields": {"table": table, "partition": partition_name(table, span)}},
-                )
+        async with _lock_timeout(conn):
+            for table in tables:
+                existing = {name for name, _ in await list_partitions(conn, table)}
+                for span in spans:
+                    name = partition_name(table, span)
+                    if name in existing:
+                        continue
+                    await conn.execute(create_partition_sql(table, span))
+                    created += 1
+                    log.info(
+                        "partition_created", extra={"fields": {"table": table, "partition": name}}
+                    )
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise PartitionError(f"cannot create partitions now: {exc!r}") from exc
-    finally:
-        await _reset_lock_timeout(conn)
     return created
 
 
@@ -147,31 +146,25 @@ async def drop_older(
     more days ago; the names dropped. The current span is never dropped."""
     cutoff = (now or datetime.now(UTC)).date() - timedelta(days=retention_days)
     dropped = []
-    for table in PARTITIONED_TABLES:
-        for name, (_, end) in await list_partitions(conn, table):
-            if end > cutoff:
-                continue
-            try:
-                await conn.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
-                # CONCURRENTLY: no ACCESS EXCLUSIVE on the parent, so inserts go on meanwhile.
-                await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
-                await conn.execute(f"DROP TABLE {name}")
-            except asyncpg.PostgresError as exc:
-                log.warning(
-                    "partition_drop_failed",
-                    extra={"fields": {"partition": name, "error": repr(exc)}},
-                )
-                await _finalize_detach(conn, table, name)
-                continue
-            finally:
-                await _reset_lock_timeout(conn)
-            dropped.append(name)
-            log.info(
-                "partition_dropped",
-                extra={
-                    "fields": {"table": table, "partition": name, "retention_days": retention_days}
-                },
-            )
+    async with _lock_timeout(conn):
+        for table in PARTITIONED_TABLES:
+            for name, (_, end) in await list_partitions(conn, table):
+                if end > cutoff:
+                    continue
+                try:
+                    # CONCURRENTLY: no ACCESS EXCLUSIVE on the parent, so inserts go on meanwhile.
+                    await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+                    await conn.execute(f"DROP TABLE {name}")
+                except asyncpg.PostgresError as exc:
+                    log.warning(
+                        "partition_drop_failed",
+                        extra={"fields": {"partition": name, "error": repr(exc)}},
+                    )
+                    await _finalize_detach(conn, table, name)
+                    continue
+                dropped.append(name)
+                fields = {"table": table, "partition": name, "retention_days": retention_days}
+                log.info("partition_dropped", extra={"fields": fields})
     return dropped
 
 
@@ -184,11 +177,16 @@ async def _finalize_detach(conn: asyncpg.Connection, table: str, name: str) -> N
         return
 
 
-async def _reset_lock_timeout(conn: asyncpg.Connection) -> None:
+@contextlib.asynccontextmanager
+async def _lock_timeout(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """The DDL inside waits at most `_LOCK_TIMEOUT` for a lock; the session's setting after."""
+    await conn.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
     try:
-        await conn.execute("RESET lock_timeout")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        return
+        yield
+    finally:
+        # A connection that is gone takes its setting with it.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await conn.execute("RESET lock_timeout")
 
 
 # Where each partitioned table's row shape (`depthflow.records`) keeps its event time.
