@@ -108,7 +108,9 @@ class Service:
         self.engine: AsyncEngine = make_engine(
             settings.database_url, statement_timeout_ms=settings.api_statement_timeout_ms
         )
-        self._writer_engine = make_engine(settings.database_url, pool_size=1, pre_ping=False)
+        self._writer_engine = make_engine(
+            settings.database_url, pool_size=settings.write_connections, pre_ping=False
+        )
         self.redis = create_client(settings.redis_url)
         self.redis_sink = RedisSink(
             self.redis,
@@ -123,6 +125,7 @@ class Service:
             batch_max_delay_ms=settings.batch_max_delay_ms,
             buffer_max_rows=settings.buffer_max_rows,
             partition_days=settings.partition_days,
+            connections=settings.write_connections,
         )
         self.loop_lag = LoopLag(stall_report_s=_LOOP_STALL_REPORT_S)
         # What the dashboard (GET /) shows: bounded, in memory, fed where ticks and gaps arise.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -81,12 +82,13 @@ class Harness:
         batch_max_rows: int = 1000,
         batch_max_delay_ms: int = 60_000,
         buffer_max_rows: int = 1_000_000,
+        connections: int = 1,
         write: WriteBatch | None = None,
     ) -> BatchWriter:
         url = self.url
         if via_proxy:
             url = make_url(url).set(port=self.proxy.port).render_as_string(hide_password=False)
-        engine = db.make_engine(url, pool_size=1)
+        engine = db.make_engine(url, pool_size=connections)
         self._engines.append(engine)
         writer = BatchWriter(
             engine,
@@ -94,6 +96,7 @@ class Harness:
             batch_max_rows=batch_max_rows,
             batch_max_delay_ms=batch_max_delay_ms,
             buffer_max_rows=buffer_max_rows,
+            connections=connections,
             write=write,
         )
         self._writers.append(writer)
@@ -322,6 +325,91 @@ async def test_batch_the_database_refuses_is_dropped_and_counted(harness: Harnes
     assert await count(harness.url, "price_ticks") == 1
 
 
+async def marker_committed(url: str, batch: Batch) -> bool:
+    query = f"SELECT count(*) FROM ingest_batches WHERE batch_id = '{batch.batch_id}'"
+    return await fetchval(url, query) == 1
+
+
+async def test_batches_written_side_by_side_commit_in_the_order_they_were_taken(
+    harness: Harness,
+) -> None:
+    engine = db.make_engine(harness.url, pool_size=2)
+    harness._engines.append(engine)
+    second_sent = asyncio.Event()
+    seen: list[Batch] = []
+    checked_before_second_commit: list[bool] = []
+
+    async def write(batch: Batch, before_commit: Callable[[], Any] | None = None) -> bool:
+        seen.append(batch)
+        if len(seen) == 1:
+            # The first batch of the first attempt waits until the second one sent every row,
+            # then fails: the second must roll back, not commit past it.
+            await second_sent.wait()
+            assert await count(harness.url, "price_ticks") == 0
+            raise OSError("connection lost before the first batch committed")
+
+        async def gate() -> None:
+            second_sent.set()
+            if before_commit is not None:
+                await before_commit()
+            if len(seen) >= 4 and batch is seen[-1]:
+                # The retry: the batch taken first is committed before this one commits.
+                checked_before_second_commit.append(await marker_committed(harness.url, seen[-2]))
+
+        return await write_batch(engine, batch, before_commit=gate)
+
+    writer = harness.writer(batch_max_rows=2, connections=2, write=write)
+    # 10 rows, 5 batches' worth: behind, so the queue is split into one equal share per
+    # connection (each at most a catch-up batch of 8).
+    for update_id in range(1, 11):
+        writer.add_event(*event("btcusdt", update_id, levels=0))
+
+    assert await writer._attempt() is None
+    assert [batch.rows for batch in seen] == [5, 5]
+    assert await count(harness.url, "price_ticks") == 0
+    assert writer.buffered == 10
+    assert harness.metrics.errors["database"] == 1  # the failure, not the rollback behind it
+
+    assert await writer._attempt() == sum(batch.rows for batch in seen[:2])
+    assert [batch.batch_id for batch in seen[2:4]] == [batch.batch_id for batch in seen[:2]]
+    assert checked_before_second_commit == [True]
+    assert await count(harness.url, "price_ticks") == 10
+    assert writer.buffered == 0
+
+
+async def test_rejected_batch_records_its_hole_before_the_batch_behind_it_commits(
+    harness: Harness,
+) -> None:
+    writer = harness.writer(batch_max_rows=4, connections=2)
+    # 21 rows, behind: split over both connections, the first batch holding the one order,
+    # which PostgreSQL refuses, and the batch behind it only ticks after it.
+    bad: OrderRow = ("btcusdt", T0, 3, None, 1.0, 1.0)  # type: ignore[assignment]
+    for update_id in range(1, 21):
+        tick, _ = event("btcusdt", update_id, levels=0)
+        writer.add_event(tick, [bad] if update_id == 3 else [])
+
+    for _ in range(2):
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await writer.flush()
+    await writer.flush()  # third refusal: the first batch is dropped, its ticks become holes
+
+    assert harness.metrics.data_loss["rejected"] > 0
+    stored = await fetchval(harness.url, "SELECT count(*) FROM price_ticks")
+    holes = await fetchval(harness.url, "SELECT count(*) FROM data_gaps WHERE reason = 'rejected'")
+    covered = [
+        await fetchval(harness.url, f"SELECT {edge} FROM data_gaps WHERE reason = 'rejected'")
+        for edge in ("min(from_update_id)", "max(to_update_id)")
+    ]
+    first_stored = await fetchval(harness.url, "SELECT min(last_update_id) FROM price_ticks")
+    # Every tick is stored or a hole; the dropped batch's ticks (from 1, past the bad one at 3)
+    # are the holes, and the batch behind committed what follows them.
+    assert stored + holes == 20
+    assert 3 <= holes < 20
+    assert covered == [1, holes]
+    assert first_stored == holes + 1
+    assert writer.buffered == 0
+
+
 async def test_wait_capacity_blocks_while_healthy_and_behind_until_a_flush(
     harness: Harness,
 ) -> None:
@@ -359,12 +447,12 @@ async def test_an_unexpected_driver_error_does_not_kill_the_writer(harness: Harn
     harness._engines.append(engine)  # disposed with the harness
     calls = 0
 
-    async def flaky(batch: Batch) -> bool:
+    async def flaky(batch: Batch, **kwargs: Any) -> bool:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("driver in an impossible state")
-        return await write_batch(engine, batch)
+        return await write_batch(engine, batch, **kwargs)
 
     writer = harness.writer(batch_max_rows=5, write=flaky)
     task = harness.run(writer)

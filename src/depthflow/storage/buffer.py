@@ -1,4 +1,4 @@
-"""The writer's memory: rows queued per table, and the batch taken from them until it commits.
+"""The writer's memory: rows queued per table, and the batches taken from them until they commit.
 
 No I/O and no limits: `BatchWriter` decides what to admit, when to write and when a batch is done.
 """
@@ -22,7 +22,8 @@ CHUNK_ROWS: Final = 4_096
 
 
 class RowBuffer:
-    """Rows held in memory, not yet known to be committed: queued ones and the pending batch."""
+    """Rows held in memory, not yet known to be committed: queued ones and the batches in flight
+    (taken, oldest first; they commit in that order)."""
 
     def __init__(self) -> None:
         self._ticks: ChunkedRows[TickRow] = ChunkedRows()
@@ -32,13 +33,14 @@ class RowBuffer:
         self._checkpoints: list[CheckpointRow] = []
         self.queued = 0  # rows in the five queues above
         self.oldest = 0.0  # monotonic arrival time of the oldest queued row
-        self.pending: Batch | None = None  # taken from the lists, not yet known committed
-        self._pending_rows = 0
+        # Taken from the lists, not yet known committed, oldest first.
+        self.inflight: deque[Batch] = deque()
+        self._inflight_rows = 0
 
     @property
     def held(self) -> int:
-        """Queued rows plus the pending batch's (all tables)."""
-        return self.queued + self._pending_rows
+        """Queued rows plus those of the batches in flight (all tables)."""
+        return self.queued + self._inflight_rows
 
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> None:
         """Queue one depth event's rows."""
@@ -69,14 +71,15 @@ class RowBuffer:
 
     def due_in(self, max_rows: int, max_delay_s: float) -> float | None:
         """Seconds until a batch is due (0 or less: now); None while nothing is held."""
-        if self.pending is not None or self.queued >= max_rows:
+        if self.inflight or self.queued >= max_rows:
             return 0.0
         if not self.queued:
             return None
         return self.oldest + max_delay_s - time.monotonic()
 
     def take(self, n: int) -> Batch | None:
-        """Move up to ``n`` queued rows per table into a new pending batch; None if none queued."""
+        """Move up to ``n`` queued rows per table into a new batch in flight (the newest); None
+        if none are queued."""
         if not self.queued:
             return None
         ticks = self._ticks.take(n)
@@ -89,16 +92,29 @@ class RowBuffer:
         batch = Batch(uuid.uuid4(), ticks, orders, signals, gaps, checkpoints)
         # Rows left queued keep `oldest`: conservative, their flush can come early but never late.
         self.queued -= batch.rows
-        self.pending = batch
-        self._pending_rows = batch.rows
+        self.inflight.append(batch)
+        self._inflight_rows += batch.rows
         return batch
 
-    def release(self) -> int:
-        """Forget the pending batch (committed or given up); the rows it held."""
-        rows = self._pending_rows
-        self.pending = None
-        self._pending_rows = 0
-        return rows
+    def release(self, batch: Batch) -> int:
+        """Forget the oldest batch in flight, ``batch`` (committed or given up); the rows it held.
+
+        Batches commit in the order they were taken, so only the oldest can be done."""
+        if not self.inflight or self.inflight[0] is not batch:
+            raise ValueError("only the oldest batch in flight can be released")
+        self.inflight.popleft()
+        self._inflight_rows -= batch.rows
+        return batch.rows
+
+    def add_gaps_first(self, rows: Sequence[GapRow]) -> None:
+        """Queue gap rows ahead of every tick not yet committed: into the oldest batch in flight
+        if there is one (it has not committed: batches commit in order), else the queue."""
+        if not self.inflight:
+            for row in rows:
+                self.add_gap(row)
+            return
+        self.inflight[0].gaps.extend(rows)
+        self._inflight_rows += len(rows)
 
 
 class ChunkedRows(Generic[_T]):

@@ -31,15 +31,18 @@ from depthflow.storage.batches import (
     TICKS,
     WRITE_ERRORS,
     Batch,
+    prepare_partitions,
     write_batch,
 )
 from depthflow.storage.buffer import RowBuffer
 from depthflow.storage.partitions import KnownSpans
 
-__all__ = ["CATCH_UP_FACTOR", "SLOW_ATTEMPT_S", "BatchWriter", "WriteBatch"]
+__all__ = ["CATCH_UP_FACTOR", "SLOW_ATTEMPT_S", "BatchWriter", "OutOfOrder", "WriteBatch"]
 
-# Writes one batch in one transaction; False if it was committed before (see `write_batch`).
-WriteBatch = Callable[[Batch], Awaitable[bool]]
+# Writes one batch in one transaction, awaiting ``before_commit`` (when given) just before its
+# COMMIT; False if it was committed before (see `write_batch`).
+WriteBatch = Callable[..., Awaitable[bool]]
+BeforeCommit = Callable[[], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +59,23 @@ _MAX_BACKPRESSURE_WAIT_S: Final = 0.25
 SLOW_ATTEMPT_S: Final = 3.0
 
 
+class OutOfOrder(Exception):
+    """A batch rolled back because the batch taken before it did not commit."""
+
+
 class BatchWriter:
     """Buffers rows in memory and writes them in COPY batches from one task (`run`).
 
     Flushes when ``batch_max_rows`` rows are queued or the oldest queued row is
     ``batch_max_delay_ms`` old; retries failures with backoff; holds at most ``buffer_max_rows``.
+
+    While a full batch more is queued, up to ``connections`` batches are written at once, each on
+    its own connection (PostgreSQL parses and indexes each COPY in its own backend, so two run
+    side by side on two cores), but they commit one after the other in the order they were
+    taken: each waits, inside its transaction, for the one before it to commit, and rolls back
+    if it did not. What is stored is therefore always a prefix of what was handed in, as with
+    one connection: a crash between two commits leaves a hole at the end (recorded at the next
+    start), never one in the middle that nobody records.
     """
 
     def __init__(
@@ -72,19 +87,22 @@ class BatchWriter:
         batch_max_delay_ms: int,
         buffer_max_rows: int,
         partition_days: int = 1,
+        connections: int = 1,
         write: WriteBatch | None = None,
     ) -> None:
         # The time partitions known to exist; `forget_partitions` after retention dropped some.
         self.partitions = KnownSpans(partition_days)
-        self._write: WriteBatch = (
-            write if write is not None else partial(write_batch, engine, spans=self.partitions)
-        )
+        self._write: WriteBatch = write if write is not None else partial(write_batch, engine)
+        self._prepare = partial(prepare_partitions, engine, spans=self.partitions)
+        self._connections = max(1, connections)
         self._metrics = metrics
         self._batch_max_rows = max(1, batch_max_rows)
         self._max_delay_s = batch_max_delay_ms / 1000
         self._buffer_max_rows = buffer_max_rows
-        # Room for a flush in flight plus a full catch-up batch queued behind it.
-        self._high_water = max(1, min(CATCH_UP_FACTOR * 2 * batch_max_rows, buffer_max_rows // 2))
+        # Room for a catch-up batch in flight on every connection plus one queued behind them
+        # (lower, and the feed is held back while the next batches are still to be read).
+        catch_up = CATCH_UP_FACTOR * batch_max_rows
+        self._high_water = max(1, min((self._connections + 1) * catch_up, buffer_max_rows // 2))
         self._buffer = RowBuffer()
         self._lock = asyncio.Lock()  # one write attempt at a time (run, flush, stop)
         self._wake = asyncio.Event()
@@ -257,7 +275,7 @@ class BatchWriter:
             if done is None:
                 assert self._last_error is not None
                 raise self._last_error
-            if done == 0:
+            if done == 0 and not self._buffer.inflight:
                 return
             remaining -= done
 
@@ -292,42 +310,112 @@ class BatchWriter:
     # -- one write attempt -------------------------------------------------------------------------
 
     async def _attempt(self) -> int | None:
-        """Write the pending (or next) batch: rows that left the buffer, or None on failure."""
+        """Write the batches in flight (retried) or the next ones: rows that left the buffer, or
+        None when a batch failed and is kept for a retry."""
         async with self._lock:
-            batch = self._buffer.pending or self._take_batch()
-            if batch is None:
+            batches = list(self._buffer.inflight) or self._take_batches()
+            if not batches:
                 return 0
             self._attempt_started = time.monotonic()
             try:
                 async with asyncio.timeout(_ATTEMPT_TIMEOUT_S):
-                    fresh = await self._write_batch(batch)
-            except WRITE_ERRORS as exc:
-                done = self._on_failure(batch, exc)
-            except Exception as exc:
-                # Not a known database failure; but the writer is the one task that must outlive
-                # whatever a driver throws: keep the rows, log the traceback, retry with backoff.
-                logger.exception("writer_unexpected_error")
-                done = self._on_failure(batch, exc)
-            else:
-                done = self._on_success(batch, fresh)
+                    outcomes = await self._write_in_order(batches)
+            except TimeoutError as exc:
+                outcomes = _failed(exc, len(batches))
             finally:
                 self._last_attempt_s = time.monotonic() - self._attempt_started
                 self._attempt_started = None
                 self._backpressure_off = False
+            done: int | None = 0
+            for batch, outcome in zip(batches, outcomes, strict=True):
+                released = self._settle(batch, outcome)
+                done = None if released is None or done is None else done + released
         await self._notify_progress()
         return done
 
-    def _take_batch(self) -> Batch | None:
+    def _take_batches(self) -> list[Batch]:
+        """The next batch; while behind, the queue split over up to one batch per connection."""
         n = self._batch_max_rows
-        if self._buffer.queued >= 2 * n:
-            # Behind: fewer, larger transactions catch up faster (each costs a marker insert and
-            # a commit round trip); bench/e2e.py gained ~30 % at a 20k-row batch size.
-            n *= CATCH_UP_FACTOR
-        return self._buffer.take(n)
+        queued = self._buffer.queued
+        if queued < 2 * n:
+            batch = self._buffer.take(n)
+            return [] if batch is None else [batch]
+        # Behind: fewer, larger transactions catch up faster (each costs a marker insert and a
+        # commit round trip): bench/e2e.py gained ~30 % at a 20k-row batch size. Equal shares,
+        # so that no connection idles while another writes the rest.
+        share = max(n, min(CATCH_UP_FACTOR * n, -(-queued // self._connections)))
+        batches: list[Batch] = []
+        while len(batches) < self._connections and self._buffer.queued >= n:
+            batch = self._buffer.take(share)
+            if batch is None:
+                break
+            batches.append(batch)
+        return batches
 
-    async def _write_batch(self, batch: Batch) -> bool:
+    def _take_batch(self) -> Batch | None:
+        """The next batch alone (as `_take_batches` would take it first)."""
+        batches = self._take_batches()
+        return batches[0] if batches else None
+
+    async def _write_in_order(self, batches: list[Batch]) -> list[bool | BaseException]:
+        """Write ``batches`` concurrently, committing them in order; each one's outcome: fresh
+        (True), committed before (False), or the error (`OutOfOrder` if an earlier one failed).
+        """
+        try:
+            await self._prepare(batches)
+        except Exception as exc:  # settled by the caller like any failed write
+            return _failed(exc, len(batches))
+        if len(batches) == 1:
+            results = await asyncio.gather(self._write_batch(batches[0]), return_exceptions=True)
+            return list(results)
+        loop = asyncio.get_running_loop()
+        committed = [loop.create_future() for _ in batches]
+        writes = [
+            self._write_committed(batch, committed[k], committed[k - 1] if k else None)
+            for k, batch in enumerate(batches)
+        ]
+        return list(await asyncio.gather(*writes, return_exceptions=True))
+
+    async def _write_committed(
+        self,
+        batch: Batch,
+        done: asyncio.Future[None],
+        previous: asyncio.Future[None] | None,
+    ) -> bool:
+        async def after_previous() -> None:
+            if previous is not None and not await _succeeded(previous):
+                raise OutOfOrder
+
+        try:
+            fresh = await self._write_batch(batch, before_commit=after_previous)
+        except BaseException as exc:
+            done.set_exception(OutOfOrder())
+            done.exception()  # retrieved: a future nobody awaits must not log it
+            raise exc
+        done.set_result(None)
+        return fresh
+
+    async def _write_batch(self, batch: Batch, before_commit: BeforeCommit | None = None) -> bool:
         """Write ``batch`` in one transaction; False if it was committed before."""
-        return await self._write(batch)
+        if before_commit is None:
+            return await self._write(batch)
+        return await self._write(batch, before_commit=before_commit)
+
+    def _settle(self, batch: Batch, outcome: bool | BaseException) -> int | None:
+        """Account for one batch's outcome; the rows released, or None if kept for a retry."""
+        if isinstance(outcome, OutOfOrder):
+            # Rolled back behind a failed batch, whose failure is what is counted (and what
+            # makes the attempt fail, unless that batch was dropped: then this one goes next).
+            return 0
+        if isinstance(outcome, bool):
+            return self._on_success(batch, outcome)
+        if not isinstance(outcome, WRITE_ERRORS):
+            # Not a known database failure; but the writer is the one task that must outlive
+            # whatever a driver throws: keep the rows, log the traceback, retry with backoff.
+            logger.error("writer_unexpected_error", exc_info=outcome)
+        if not isinstance(outcome, Exception):
+            raise outcome  # cancellation and the like: not the database's doing
+        return self._on_failure(batch, outcome)
 
     def _on_success(self, batch: Batch, fresh: bool) -> int:
         for table, rows in batch.tables():
@@ -353,7 +441,7 @@ class BatchWriter:
         self._healthy = True
         self._failures = 0
         self._last_error = None
-        return self._buffer.release()
+        return self._buffer.release(batch)
 
     def _on_failure(self, batch: Batch, exc: BaseException) -> int | None:
         self._healthy = False
@@ -379,18 +467,32 @@ class BatchWriter:
             "writer_batch_rejected",
             extra={"fields": {"batch_id": str(batch.batch_id), "rows": batch.rows}},
         )
-        released = self._buffer.release()
-        # The ticks' update ids are now missing from the stored sequence: record them as holes
-        # (the batch's own gap rows go again; they are never what PostgreSQL refuses).
-        for tick in batch.ticks:
-            symbol, event_time, _, first_id, last_id = tick[:5]
-            self._buffer.add_gap(
-                (symbol, first_id, last_id, event_time, event_time, GapReason.REJECTED.value)
-            )
-        for gap in batch.gaps:
-            self._buffer.add_gap(gap)
+        released = self._buffer.release(batch)
+        # The ticks' update ids are now missing from the stored sequence: record them as holes,
+        # ahead of every later tick (the batch's own gap rows go again; they are never what
+        # PostgreSQL refuses).
+        holes: list[GapRow] = [
+            (tick[0], tick[3], tick[4], tick[1], tick[1], GapReason.REJECTED.value)
+            for tick in batch.ticks
+        ]
+        self._buffer.add_gaps_first(holes + batch.gaps)
         return released
 
     async def _notify_progress(self) -> None:
         async with self._progress:
             self._progress.notify_all()
+
+
+async def _succeeded(future: asyncio.Future[None]) -> bool:
+    try:
+        await asyncio.shield(future)
+    except OutOfOrder:
+        return False
+    return True
+
+
+def _failed(exc: Exception, batches: int) -> list[bool | BaseException]:
+    """The outcomes of batches whose first failed with ``exc`` before any could commit."""
+    outcomes: list[bool | BaseException] = [exc]
+    outcomes += [OutOfOrder() for _ in range(batches - 1)]
+    return outcomes
