@@ -164,6 +164,9 @@ class ParquetFromCsv:
             while not source.eof:
                 with contextlib.suppress(queue.Empty):
                     if self._queue.get(timeout=0.05) is None:
+                        # Put the end back: Arrow's read-ahead thread may still ask for a block,
+                        # and one that never comes holds it, and the interpreter's exit, forever.
+                        self._queue.put(None)
                         break
 
     def _convert(self, source: _QueueReader) -> None:
