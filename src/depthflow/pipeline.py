@@ -24,7 +24,7 @@ from depthflow.events import DecodeError, DepthEvent, Snapshot, decode_frame
 from depthflow.gaps import GapLedger
 from depthflow.logs import LogLimiter
 from depthflow.metrics import Metrics
-from depthflow.records import CheckpointRow, GapRow, OrderRow, TickRow
+from depthflow.records import CheckpointRow, EventOrders, GapRow, OrderRow, TickRow
 
 __all__ = ["REPLAY_STEP", "Pipeline", "RowSink", "TickSink", "wap"]
 
@@ -431,10 +431,7 @@ class Pipeline:
         symbol = sync.symbol
         event_time = datetime.fromtimestamp(event.event_time / 1000, UTC)
         last_id = event.last_update_id
-        orders: list[OrderRow] = [
-            (symbol, event_time, last_id, "bid", price, qty) for price, qty in event.bids
-        ]
-        orders.extend((symbol, event_time, last_id, "ask", price, qty) for price, qty in event.asks)
+        orders = EventOrders(symbol, event_time, last_id, event.bids, event.asks)
         self._last_applied[symbol] = (last_id, event_time)
         if event.event_time >= self._checkpoint_due.get(symbol, _NEVER):
             self.checkpoint(symbol)

@@ -4,7 +4,7 @@ idempotent retries, shutdown and backpressure."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from depthflow.metrics import Metrics
-from depthflow.records import OrderRow, SignalRow, TickRow
+from depthflow.records import EventOrders, OrderRow, SignalRow, TickRow
 from depthflow.storage import db
 from depthflow.storage.batches import Batch, write_batch
 from depthflow.storage.maintenance import prune_batch_markers
@@ -310,19 +310,21 @@ async def test_stop_counts_rows_it_could_not_write_as_shutdown_loss(harness: Har
 
 async def test_batch_the_database_refuses_is_dropped_and_counted(harness: Harness) -> None:
     writer = harness.writer()
-    bad: OrderRow = ("btcusdt", T0, 1, None, 1.0, 1.0)  # type: ignore[assignment]
-    writer.add_event(None, [bad])
+    bad: TickRow = ("btcusdt", T0, None, 1, 1, 99.0, 1.0, 101.0, 1.0, 100.0)  # type: ignore[assignment]
+    writer.add_event(bad, [])
 
     for _ in range(2):
         with pytest.raises(asyncpg.NotNullViolationError):
             await writer.flush()
     await writer.flush()  # third refusal: dropped, not retried forever
 
-    assert writer.buffered == 0
     assert harness.metrics.data_loss["rejected"] == 1
     writer.add_event(*event("btcusdt", 2))
     await writer.flush()
+    assert writer.buffered == 0
     assert await count(harness.url, "price_ticks") == 1
+    hole = "SELECT count(*) FROM data_gaps WHERE reason = 'rejected' AND from_update_id = 1"
+    assert await fetchval(harness.url, hole) == 1
 
 
 async def marker_committed(url: str, batch: Batch) -> bool:
@@ -381,12 +383,13 @@ async def test_rejected_batch_records_its_hole_before_the_batch_behind_it_commit
     harness: Harness,
 ) -> None:
     writer = harness.writer(batch_max_rows=4, connections=2)
-    # 21 rows, behind: split over both connections, the first batch holding the one order,
-    # which PostgreSQL refuses, and the batch behind it only ticks after it.
-    bad: OrderRow = ("btcusdt", T0, 3, None, 1.0, 1.0)  # type: ignore[assignment]
+    # 20 ticks, behind: split over both connections, the first batch holding the tick at 3,
+    # which PostgreSQL refuses (no receipt time), and the batch behind it only ticks after it.
     for update_id in range(1, 21):
         tick, _ = event("btcusdt", update_id, levels=0)
-        writer.add_event(tick, [bad] if update_id == 3 else [])
+        if update_id == 3:
+            tick = (*tick[:2], None, *tick[3:])  # type: ignore[assignment]
+        writer.add_event(tick, [])
 
     for _ in range(2):
         with pytest.raises(asyncpg.NotNullViolationError):
@@ -487,3 +490,36 @@ async def test_old_batch_markers_are_pruned_and_recent_ones_kept(clean_db: str) 
         assert await conn.fetchval("SELECT count(*) FROM ingest_batches") == 1
     finally:
         await conn.close()
+
+
+async def test_orders_are_stored_exactly_as_handed_in(harness: Harness) -> None:
+    # The binary COPY encoding against what PostgreSQL reads back: symbols of other lengths,
+    # prices no decimal prints short, a removed level, bigint's largest id, microseconds, and
+    # plain rows beside an event's levels.
+    at = datetime(2025, 1, 1, 23, 59, 59, 999_999, tzinfo=UTC)
+    blocks: list[Sequence[OrderRow]] = [
+        EventOrders("BTCUSDT", at, 7, [(0.1 + 0.2, 1e-8), (61_234.56, 0.0)], [(61_234.57, 3.5)]),
+        EventOrders("1000SATSFDUSD", at + timedelta(microseconds=1), 2**63 - 1, [], [(5e-7, 1e9)]),
+        EventOrders("ETHUSDT", T0, 9, [(2_500.25, 0.125)], []),
+        [("BNBUSDT", T0, 11, "ask", 590.1, 2.0), ("BNBUSDT", T0, 11, "bid", 590.0, 0.5)],
+    ]
+    writer = harness.writer()
+    for orders in blocks:
+        assert writer.add_event(None, orders)
+    await writer.flush()
+
+    conn = await asyncpg.connect(db.asyncpg_dsn(harness.url))
+    try:
+        stored = await conn.fetch(
+            "SELECT symbol, event_time, last_update_id, side, price, quantity FROM orders"
+            " ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(row) for row in stored] == [row for orders in blocks for row in orders]
+    assert writer.rows_written["orders"] == 7
+
+
+def test_an_order_row_with_no_side_is_refused_before_anything_is_queued() -> None:
+    with pytest.raises(ValueError, match="order side None"):
+        EventOrders.of_row(("BTCUSDT", T0, 1, None, 1.0, 1.0))  # type: ignore[arg-type]

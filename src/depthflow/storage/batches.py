@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
@@ -24,11 +25,12 @@ from depthflow.records import (
     SIGNAL_COLUMNS,
     TICK_COLUMNS,
     CheckpointRow,
+    EventOrders,
     GapRow,
-    OrderRow,
     SignalRow,
     TickRow,
 )
+from depthflow.storage.copy_orders import encode_orders, once
 from depthflow.storage.partitions import KnownSpans, batch_spans, ensure_spans
 
 __all__ = [
@@ -85,7 +87,7 @@ class Batch:
 
     batch_id: uuid.UUID
     ticks: list[TickRow]
-    orders: list[OrderRow]
+    orders: list[EventOrders]  # one block of rows per event
     signals: list[SignalRow]
     gaps: list[GapRow]
     checkpoints: list[CheckpointRow] = field(default_factory=list)
@@ -93,16 +95,25 @@ class Batch:
 
     @property
     def rows(self) -> int:
-        return sum(len(rows) for _, rows in self.tables())
+        return sum(count for _, count in self.table_rows())
 
-    def tables(self) -> tuple[tuple[str, list[Any]], ...]:
-        """Each table's name with this batch's rows for it."""
+    def table_rows(self) -> tuple[tuple[str, int], ...]:
+        """Each table's name with the number of rows this batch holds for it."""
         return (
-            (TICKS, self.ticks),
-            (ORDERS, self.orders),
-            (SIGNALS, self.signals),
-            (GAPS, self.gaps),
-            (CHECKPOINTS, self.checkpoints),
+            (TICKS, len(self.ticks)),
+            (ORDERS, sum(len(block) for block in self.orders)),
+            (SIGNALS, len(self.signals)),
+            (GAPS, len(self.gaps)),
+            (CHECKPOINTS, len(self.checkpoints)),
+        )
+
+    def event_times(self) -> tuple[tuple[str, list[datetime]], ...]:
+        """Each partitioned table's name with the event times of this batch's rows for it."""
+        return (
+            (TICKS, [row[1] for row in self.ticks]),
+            (ORDERS, [block.event_time for block in self.orders]),
+            (SIGNALS, [row[5] for row in self.signals]),
+            (CHECKPOINTS, [row[1] for row in self.checkpoints]),
         )
 
     def rejected_for_good(self, exc: BaseException) -> bool:
@@ -131,7 +142,7 @@ async def write_batch(
                 if await apg.fetchval(_MARK_BATCH, batch.batch_id, batch.rows) is None:
                     return False
                 await _copy(apg, TICKS, TICK_COLUMNS, batch.ticks)
-                await _copy(apg, ORDERS, ORDER_COLUMNS, batch.orders)
+                await _copy_orders(apg, batch.orders)
                 await _copy(apg, SIGNALS, SIGNAL_COLUMNS, batch.signals)
                 # In the same transaction as the ticks after it: a hole is never stored unrecorded.
                 await _copy(apg, GAPS, GAP_COLUMNS, batch.gaps)
@@ -156,7 +167,7 @@ async def prepare_partitions(
     against the inserts of a transaction in flight, which may itself be waiting on another
     batch's commit."""
     missing = spans.missing(
-        span for batch in batches for span in batch_spans(batch.tables(), spans.days)
+        span for batch in batches for span in batch_spans(batch.event_times(), spans.days)
     )
     if not missing:
         return
@@ -180,6 +191,21 @@ async def _copy(
     names = list(columns)
     for start in range(0, len(rows), chunk):
         await apg.copy_records_to_table(table, records=rows[start : start + chunk], columns=names)
+
+
+async def _copy_orders(apg: Any, blocks: list[EventOrders]) -> None:
+    # Encoded from the levels by `copy_orders` (~0.2 µs a row against asyncpg's ~1 µs from
+    # tuples), in statements of about COPY_CHUNK_ROWS rows: the encoding holds the loop too.
+    names = list(ORDER_COLUMNS)
+    start = 0
+    while start < len(blocks):
+        end, rows = start, 0
+        while end < len(blocks) and rows < COPY_CHUNK_ROWS:
+            rows += len(blocks[end])
+            end += 1
+        data = encode_orders(blocks[start:end])
+        await apg.copy_to_table(ORDERS, source=once(data), columns=names, format="binary")
+        start = end
 
 
 def _is_poison(exc: BaseException) -> bool:

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final, Generic, TypeVar
 
-from depthflow.records import CheckpointRow, GapRow, OrderRow, SignalRow, TickRow
+from depthflow.records import CheckpointRow, EventOrders, GapRow, OrderRow, SignalRow, TickRow
 from depthflow.storage.batches import Batch
 
 __all__ = ["CHUNK_ROWS", "ChunkedRows", "RowBuffer"]
@@ -27,7 +27,7 @@ class RowBuffer:
 
     def __init__(self) -> None:
         self._ticks: ChunkedRows[TickRow] = ChunkedRows()
-        self._orders: ChunkedRows[OrderRow] = ChunkedRows()
+        self._orders = _EventQueue()
         self._signals: ChunkedRows[SignalRow] = ChunkedRows()
         self._gaps: list[GapRow] = []
         self._checkpoints: list[CheckpointRow] = []
@@ -43,11 +43,18 @@ class RowBuffer:
         return self.queued + self._inflight_rows
 
     def add_event(self, tick: TickRow | None, orders: Sequence[OrderRow]) -> None:
-        """Queue one depth event's rows."""
+        """Queue one depth event's rows: ``orders`` is the pipeline's `EventOrders`, or plain
+        rows (ValueError, before anything is queued, for one that no `EventOrders` holds)."""
+        blocks = (
+            [orders]
+            if isinstance(orders, EventOrders)
+            else [EventOrders.of_row(row) for row in orders]
+        )
         self._count(len(orders) + (tick is not None))
         if tick is not None:
             self._ticks.append(tick)
-        self._orders.extend(orders)
+        for block in blocks:
+            self._orders.append(block)
 
     def add_signal(self, row: SignalRow) -> None:
         """Queue one signal row."""
@@ -78,8 +85,8 @@ class RowBuffer:
         return self.oldest + max_delay_s - time.monotonic()
 
     def take(self, n: int) -> Batch | None:
-        """Move up to ``n`` queued rows per table into a new batch in flight (the newest); None
-        if none are queued."""
+        """Move about ``n`` queued rows per table (orders: whole events) into a new batch in flight
+        (the newest); None if none are queued."""
         if not self.queued:
             return None
         ticks = self._ticks.take(n)
@@ -115,6 +122,33 @@ class RowBuffer:
             return
         self.inflight[0].gaps.extend(rows)
         self._inflight_rows += len(rows)
+
+
+class _EventQueue:
+    """Events' order rows, oldest first, one `EventOrders` block per event, taken whole."""
+
+    __slots__ = ("_blocks", "rows")
+
+    def __init__(self) -> None:
+        self._blocks: deque[EventOrders] = deque()
+        self.rows = 0
+
+    def append(self, block: EventOrders) -> None:
+        if block:
+            self._blocks.append(block)
+            self.rows += len(block)
+
+    def take(self, n: int) -> list[EventOrders]:
+        """The oldest blocks holding about ``n`` rows (whole events: the last may go past it)."""
+        blocks = self._blocks
+        taken: list[EventOrders] = []
+        rows = 0
+        while blocks and rows < n:
+            block = blocks.popleft()
+            taken.append(block)
+            rows += len(block)
+        self.rows -= rows
+        return taken
 
 
 class ChunkedRows(Generic[_T]):

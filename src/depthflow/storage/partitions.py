@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 
@@ -189,29 +189,19 @@ async def _lock_timeout(conn: asyncpg.Connection) -> AsyncIterator[None]:
             await conn.execute("RESET lock_timeout")
 
 
-# Where each partitioned table's row shape (`depthflow.records`) keeps its event time.
-_EVENT_TIME_COLUMN: Final = {
-    "price_ticks": 1,
-    "orders": 1,
-    "trading_signals": 5,
-    "book_checkpoints": 1,
-}
-
-
-def batch_spans(tables: Iterable[tuple[str, list[Any]]], days: int) -> set[Span]:
-    """The spans the event times of a batch's partitioned rows fall in."""
+def batch_spans(tables: Iterable[tuple[str, Sequence[datetime]]], days: int) -> set[Span]:
+    """The spans that the event times of a batch's rows (per partitioned table) fall in."""
     spans: set[Span] = set()
-    for table, rows in tables:
-        column = _EVENT_TIME_COLUMN.get(table)
-        if column is None or not rows:
+    for _, times in tables:
+        if not times:
             continue
-        low = min(row[column] for row in rows).astimezone(UTC).date()
-        high = max(row[column] for row in rows).astimezone(UTC).date()
+        low = min(times).astimezone(UTC).date()
+        high = max(times).astimezone(UTC).date()
         if (high - low).days <= 3 * days:
             spans.update(spans_between(low, high, days))
         else:
             # Far apart (a hostile event time): only the spans rows are in, not all between.
-            spans.update(span_of(row[column].astimezone(UTC).date(), days) for row in rows)
+            spans.update(span_of(moment.astimezone(UTC).date(), days) for moment in times)
     return spans
 
 

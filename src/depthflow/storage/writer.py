@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from depthflow.accounting import ErrorKind, GapReason, LossReason
 from depthflow.metrics import Metrics
 from depthflow.records import CheckpointRow, GapRow, OrderRow, SignalRow, TickRow
+from depthflow.storage import copy_orders
 from depthflow.storage.batches import (
     CHECKPOINTS,
     GAPS,
@@ -237,6 +238,8 @@ class BatchWriter:
 
     async def run(self) -> None:
         """Flush on size or age until `stop` is called; failed writes are retried with backoff."""
+        # Off the loop: a cold Numba cache compiles for about a second.
+        await asyncio.to_thread(copy_orders.warm_up)
         while not self._stop_requested.is_set():
             if not await self._wait_until_due():
                 break
@@ -418,10 +421,10 @@ class BatchWriter:
         return self._on_failure(batch, outcome)
 
     def _on_success(self, batch: Batch, fresh: bool) -> int:
-        for table, rows in batch.tables():
+        for table, rows in batch.table_rows():
             if rows:
-                self.rows_written[table] += len(rows)
-                self._metrics.count_rows_written(table, len(rows))
+                self.rows_written[table] += rows
+                self._metrics.count_rows_written(table, rows)
         if not fresh:
             logger.info(
                 "writer_batch_already_committed",
