@@ -151,6 +151,10 @@ class Feed:
         self._wait_capacity = wait_capacity
         self._tap = tap
         self._pacer = ConnectPacer(settings.connect_interval_s)
+        # One time slice for every connection and snapshot replay: a loop turn then runs about
+        # one slice of frames in all, not one per connection (eight shards, 16 ms, ahead of
+        # each step of every HTTP request: /health p99 over 100 ms on the whole market).
+        self._timeslice = TimeSlice()
         # An empty list is a real answer (only patterns, resolved later), not "use the settings".
         chosen = settings.symbols if symbols is None else symbols
         self._symbols: list[str] = [s.upper() for s in chosen]
@@ -235,6 +239,7 @@ class Feed:
             time_to_live=self.time_to_live,
             wait_capacity=self._wait_capacity,
             tap=self._tap,
+            timeslice=self._timeslice,
         )
         self.shards.append(shard)
         self._tasks[shard.index] = self._group.create_task(
@@ -266,6 +271,7 @@ class Shard:
         time_to_live: dict[str, float],
         wait_capacity: Callable[[], Awaitable[None]] | None = None,
         tap: Tap | None = None,
+        timeslice: TimeSlice | None = None,
     ) -> None:
         self.index = index
         self.symbols = symbols
@@ -277,6 +283,8 @@ class Shard:
         self._time_to_live = time_to_live
         self._wait_capacity = wait_capacity
         self._tap = tap
+        # The feed's one slice, shared by its shards (see `Feed`); its own when run alone.
+        self._timeslice = timeslice if timeslice is not None else TimeSlice()
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._live_once: set[str] = set()  # synced at least once on this connection
         self._connected_at = time.monotonic()
@@ -484,7 +492,7 @@ class Shard:
         deadline = time.monotonic() + max_age_s
         pipeline = self._pipeline
         tap = self._tap
-        timeslice = TimeSlice()
+        timeslice = self._timeslice
         async for raw in ws:
             received_at = time.time()
             self.last_frame_at = time.monotonic()
@@ -582,7 +590,7 @@ class Shard:
     async def _load(self, symbol: str, snapshot: Snapshot) -> bool:
         """Load a snapshot, replaying the sync buffer in time slices; True while the book
         still needs a snapshot."""
-        timeslice = TimeSlice()
+        timeslice = self._timeslice
         for handled in self._pipeline.load_snapshot(symbol, snapshot):
             if timeslice.due():
                 # A long replay makes rows far faster than the writer stores them: past a

@@ -3,8 +3,9 @@
 Every route, the writer and every connection share one event loop, so how long a request waits
 is the sum of what the tasks ahead of it run without an ``await`` that suspends. A websocket
 with frames queued never suspends on ``recv`` and a replayed sync buffer has no ``await`` at
-all; each such loop asks its `TimeSlice` after every unit of work and yields once its slice
-is used up.
+all; each such loop asks a `TimeSlice` after every unit of work and yields once the slice is
+used up. Loops may share one (the feed's connections and replays do): then a loop turn runs
+about one slice of that work in all, however many connections have frames queued.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Final
 
 __all__ = ["DEFAULT_SLICE_S", "TimeSlice"]
 
-# Eight connections each running one slice ahead of a request still answer it in ~20 ms.
+# A request waits about one slice per step it takes through the loop.
 DEFAULT_SLICE_S: Final = 0.002
 
 
 class TimeSlice:
-    """How long the current task has run since it last yielded, and a yield when due."""
+    """How long its tasks have run since one of them last yielded, and a yield when due."""
 
     __slots__ = ("_since", "_slice_s")
 
