@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from depthflow.config import Settings
 from depthflow.storage import db
+from tests.harness.databases import delete_keys, scratch_url
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_SERVER_URL = os.environ.get(
@@ -41,14 +42,10 @@ def _unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(message)
 
 
-def _with_database(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database created and migrated for this test run, dropped afterwards."""
-    url = _with_database(PG_SERVER_URL, f"depthflow_test_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    url = scratch_url(PG_SERVER_URL, "depthflow_test")
     try:
         asyncio.run(db.migrate(url))
     except (OSError, asyncpg.PostgresError) as exc:
@@ -85,13 +82,7 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key namespace of this test's own, deleted afterwards."""
     prefix = f"depthflow-test:{uuid.uuid4().hex[:10]}:"
     yield prefix
-    client = aioredis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_keys(redis_url, prefix)
 
 
 @pytest.fixture

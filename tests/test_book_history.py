@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,21 +11,13 @@ from depthflow.book_history import PastBook, parse_at, replay_levels
 from depthflow.events import Snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
+from tests.harness.frames import EVENT_TIME_MS, depth_frame
 from tests.sinks import Rows, Waps
 
 
 def frame(U: int, u: int, b: Any = (), a: Any = ()) -> str:
     """A BTCUSDT depth frame whose event time is ``u`` ms after a fixed instant."""
-    data = {
-        "e": "depthUpdate",
-        "E": 1_700_000_000_000 + u,
-        "s": "BTCUSDT",
-        "U": U,
-        "u": u,
-        "b": [[str(p), str(q)] for p, q in b],
-        "a": [[str(p), str(q)] for p, q in a],
-    }
-    return json.dumps({"stream": "btcusdt@depth@100ms", "data": data})
+    return depth_frame(U, u, b, a, E=EVENT_TIME_MS + u)
 
 
 def synced(interval_s: float = 1.0) -> tuple[Pipeline, Rows]:

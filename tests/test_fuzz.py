@@ -28,6 +28,7 @@ from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline
 from depthflow.simulate.frames import Frame
 from depthflow.simulate.market import Market
+from tests.harness.frames import depth_frame
 from tests.sinks import Rows, Waps
 
 T = TypeVar("T")
@@ -270,9 +271,7 @@ def _examples(strategy: st.SearchStrategy[T], n: int) -> list[T]:
 
 
 def _depth_frame(first: int, last: int, e_ms: int) -> str:
-    data = {"e": "depthUpdate", "E": e_ms, "s": "BTCUSDT", "U": first, "u": last}
-    data |= {"b": [["99.5", "1"]], "a": [["100.5", "1"]]}
-    return json.dumps({"stream": "btcusdt@depth@100ms", "data": data})
+    return depth_frame(first, last, [("99.5", "1")], [("100.5", "1")], E=e_ms)
 
 
 @pytest.mark.parametrize("e_ms", [10**18, -(10**18), 2**63 - 1, 10**30])

@@ -12,27 +12,8 @@ from depthflow.accounting import LossReason
 from depthflow.events import Snapshot
 from depthflow.metrics import Metrics
 from depthflow.pipeline import Pipeline, wap
+from tests.harness.frames import depth_frame as frame
 from tests.sinks import Rows, Waps
-
-
-def frame(
-    U: int,
-    u: int,
-    b: Any = (),
-    a: Any = (),
-    s: str = "BTCUSDT",
-) -> str:
-    data = {
-        "e": "depthUpdate",
-        "E": 1_700_000_000_000,
-        "s": s,
-        "U": U,
-        "u": u,
-        "b": [[str(p), str(q)] for p, q in b],
-        "a": [[str(p), str(q)] for p, q in a],
-    }
-    return json.dumps({"stream": f"{s.lower()}@depth@100ms", "data": data})
-
 
 SNAP = Snapshot(last_update_id=100, bids=[(99.0, 1.0), (98.0, 2.0)], asks=[(101.0, 3.0)])
 

@@ -248,6 +248,36 @@ async def test_prebuild_serves_book_as_of_the_frames_sent(start_sim: StartSimula
     assert (await depth(sim, symbol="BTCUSDT", limit=5000)).json() == dict(final)
 
 
+@pytest.mark.parametrize("market", [Market, ShapedMarket])
+def test_a_clone_goes_on_with_the_same_events_without_wap_history(market: type[Market]) -> None:
+    original = market("btcusdt", seed=3)
+    for _ in range(40):
+        original.next_event(0)
+    twin = original.clone()
+    assert twin.snapshot(5000) == original.snapshot(5000)
+    assert twin.true_wap == {}
+    ahead = [original.next_event(0) for _ in range(60)]
+    assert [twin.next_event(0) for _ in range(60)] == ahead
+    assert twin.snapshot(5000) == original.snapshot(5000)
+    assert twin.true_wap == {}  # a twin records nothing
+
+
+async def test_prebuild_snapshot_far_into_the_stream_is_the_book_at_that_frame(
+    start_sim: StartSimulator,
+) -> None:
+    # Far enough for the REST side to start from a twin of the market, not from its start.
+    sim = await start_sim(("btcusdt",), prebuild=1200, seed=9)
+    async with connect(ws_url(sim, "/ws/btcusdt@depth")) as ws:
+        received = [json.loads(await recv_text(ws)) for _ in range(700)]
+        snapshot = (await depth(sim, symbol="BTCUSDT", limit=5000)).json()
+        received += [json.loads(await recv_text(ws)) for _ in range(500)]
+    assert snapshot["lastUpdateId"] >= received[699]["u"]
+    reference = Market("btcusdt", seed=9)
+    while reference.last_update_id < snapshot["lastUpdateId"]:
+        reference.next_event(0)
+    assert snapshot == dict(reference.snapshot(5000))
+
+
 async def test_prebuild_with_gaps_sends_the_rest_then_done(start_sim: StartSimulator) -> None:
     sim = await start_sim(("btcusdt",), prebuild=20, gap_every=4)
     async with connect(ws_url(sim, "/ws/btcusdt@depth@100ms")) as ws:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     buffer_max_rows: int = Field(default=1_000_000, ge=1)
     # Batches written at once while the writer is behind, one connection each (they still commit
     # in order). 2 nearly doubles what one PostgreSQL backend stores; more rarely helps on a
-    # machine whose cores the database shares (bench/e2e.py).
+    # machine whose cores the database shares (`python -m bench throughput`).
     write_connections: int = Field(default=2, ge=1, le=16)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # None (unset or empty): `console` when stdout is a terminal, else `json` (one object a line).

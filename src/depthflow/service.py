@@ -622,7 +622,7 @@ def _terminate_process(task: str) -> None:
 def tune_gc() -> None:
     """Keep CPython's cycle collector from stalling the loop.
 
-    Measured at 3,000 events/s (bench/scale.py): full collections took 200-300 ms every few
+    Measured at 3,000 events/s (`python -m bench scale`): full collections took 200-300 ms every few
     seconds, most of it re-traversing the ~250k objects that exist from start-up (modules,
     routes, settings) and never die. Frozen, they are skipped; a larger generation-0 threshold
     makes the young collections rarer (each one still cheap: the rows themselves are atomic

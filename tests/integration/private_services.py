@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from depthflow.storage import db
 from tests.conftest import _unavailable
-from tests.integration.serve_process import free_port
+from tests.harness.processes import free_port
 
 __all__ = [
     "PrivatePostgres",

@@ -18,6 +18,8 @@ from depthflow.api import create_app
 from depthflow.config import Settings
 from depthflow.events import Snapshot
 from depthflow.service import Service
+from tests.harness import frames
+from tests.harness.frames import EVENT_TIME_MS
 
 SPEC_METRICS = (
     "average_latency",
@@ -30,16 +32,7 @@ SPEC_METRICS = (
 
 
 def depth_frame(u: int, bid_qty: float) -> str:
-    data = {
-        "e": "depthUpdate",
-        "E": 1_700_000_000_000 + u,
-        "s": "BTCUSDT",
-        "U": u,
-        "u": u,
-        "b": [["100.0", str(bid_qty)]],
-        "a": [["101.0", "2.5"]],
-    }
-    return json.dumps({"stream": "btcusdt@depth@100ms", "data": data})
+    return frames.depth_frame(u, u, [("100.0", bid_qty)], [("101.0", "2.5")], E=EVENT_TIME_MS + u)
 
 
 @pytest.fixture

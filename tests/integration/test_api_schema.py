@@ -18,7 +18,7 @@ import pytest
 
 from depthflow.simulate.server import Simulator
 from tests.conftest import CI
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.harness.processes import ServeProcess, exchange_env
 
 SYMBOLS = ("btcusdt", "ethusdt")
 MAX_EXAMPLES = 30

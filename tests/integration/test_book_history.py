@@ -20,9 +20,8 @@ from depthflow.api import create_app
 from depthflow.config import Settings
 from depthflow.replay import run_replay
 from depthflow.storage.db import asyncpg_dsn
-from tests.real_data import SPOT, spot_frames, write_spot_recording
+from tests.harness.real_data import SPOT, available, spot_frames, write_spot_recording
 
-DATA = SPOT
 SYMBOL = "BTCUSDT"
 DEPTH = 20
 INSTANTS = 100
@@ -76,7 +75,9 @@ class Truth:
 
 @pytest.fixture(scope="module")
 def truth() -> Truth:
-    snapshot = json.loads((DATA / "btcusdt.snapshot.json").read_text())
+    if not available():
+        pytest.skip(f"{SPOT} is not there")
+    snapshot = json.loads((SPOT / "btcusdt.snapshot.json").read_text())
     frames = [json.loads(raw)["data"] for _, raw in spot_frames("btcusdt")]
     applied = [d for d in frames if int(d["u"]) > int(snapshot["lastUpdateId"])]
     events = [(int(d["u"]), int(d["E"])) for d in applied]
@@ -99,6 +100,8 @@ async def replayed(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The BTCUSDT recording replayed into the test database, and an API over it."""
+    if not available():
+        pytest.skip(f"{SPOT} is not there")
     path = write_spot_recording("btcusdt", tmp_path / "btcusdt.ndjson.gz")
     # Every 30 s of event time: ~20 checkpoints over the 650 s recording.
     settings = make_settings(symbols="btcusdt", checkpoint_interval_s=30)

@@ -5,7 +5,7 @@ real ones) reach the service; once it answers, the feed replays the buffer in ti
 probe task on the same loop records, every turn it gets, whether the book is still catching up
 and how many rows the writer has committed: the writer must commit rows and the probe must run
 many times while the replay is going on. (How long the loop's longest pause is, is measured by
-`bench/`, not asserted here.)
+`python -m bench catch-up`, not asserted here.)
 """
 
 from __future__ import annotations
@@ -21,25 +21,9 @@ import asyncpg
 from depthflow.config import Settings
 from depthflow.service import Service
 from depthflow.storage import db
-from tests.integration.hostile_exchange import Event, HostileExchange, ScriptedBook, SnapshotReply
+from tests.harness.hostile_exchange import HostileExchange, SnapshotReply, real_shaped
 
 EVENTS = 50_000
-LEVELS = 20
-
-
-def real_shaped(book: ScriptedBook, rng: random.Random) -> Event:
-    """About `LEVELS` level changes near the touch, never crossing or emptying the book."""
-    bids: dict[int, int] = {}
-    asks: dict[int, int] = {}
-    for _ in range(LEVELS):
-        if rng.random() < 0.5:
-            bids[book.mid - rng.randint(1, 60)] = rng.randint(0 if len(book.bids) > 10 else 1, 5000)
-        else:
-            asks[book.mid + rng.randint(1, 60)] = rng.randint(0 if len(book.asks) > 10 else 1, 5000)
-    # Keep one level a side for sure: the touch.
-    bids[book.mid - 1] = rng.randint(1, 5000)
-    asks[book.mid + 1] = rng.randint(1, 5000)
-    return book.event(bids, asks, span=rng.randint(1, 30))
 
 
 async def wait_for(

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tests.conftest import CI
-from tests.integration.serve_process import free_port
+from tests.harness.processes import free_port
 
 # Generous: the CI machine is a loaded 2-core box and a cold start runs initdb.
 _READY_S = 240.0

@@ -21,7 +21,7 @@ from depthflow.api import create_app
 from depthflow.api.docs import ASSETS_DIR
 from depthflow.config import Settings
 from tests.conftest import CI
-from tests.integration.serve_process import free_port
+from tests.harness.processes import free_port
 
 CHROMIUM = os.environ.get("DEPTHFLOW_TEST_CHROMIUM", "/usr/bin/chromium")
 # src="...", href="...", spec-url="...", and Swagger UI's `url: '...'`.

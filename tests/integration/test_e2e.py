@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.harness.processes import ServeProcess, exchange_env
 from tests.ledger_check import assert_sequence_covered
 from tests.reference import spec_signals
 

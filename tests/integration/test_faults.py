@@ -22,13 +22,13 @@ import redis.asyncio as aioredis
 from depthflow.simulate.market import Market
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.private_services import PrivatePostgres, PrivateRedis
-from tests.integration.serve_process import (
+from tests.harness.processes import (
     ServeProcess,
     events_named,
     exchange_env,
-    prometheus,
 )
+from tests.harness.prometheus import prometheus
+from tests.integration.private_services import PrivatePostgres, PrivateRedis
 from tests.ledger_check import assert_sequence_covered
 
 SYMBOLS = ("btcusdt", "ethusdt")

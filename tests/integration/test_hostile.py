@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,8 @@ import pytest
 
 from depthflow.storage import db
 from tests.conftest import PG_SERVER_URL, _unavailable
-from tests.integration.hostile_exchange import (
+from tests.harness.databases import scratch_url
+from tests.harness.hostile_exchange import (
     Event,
     ExchangeConnection,
     HostileExchange,
@@ -33,12 +32,12 @@ from tests.integration.hostile_exchange import (
     SnapshotReply,
     nested,
 )
-from tests.integration.serve_process import (
+from tests.harness.processes import (
     ServeProcess,
     events_named,
     exchange_env,
-    prometheus,
 )
+from tests.harness.prometheus import prometheus
 from tests.ledger_check import Span, assert_sequence_covered, check_coverage
 
 pytestmark = pytest.mark.services
@@ -56,9 +55,7 @@ WAIT_S = 30.0  # generous: two busy cores
 @pytest.fixture
 async def fresh_db() -> AsyncIterator[str]:
     """A database of this test's own, migrated, dropped afterwards (data_gaps included)."""
-    url = (
-        PG_SERVER_URL.rsplit("/", 1)[0] + f"/depthflow_hostile_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    )
+    url = scratch_url(PG_SERVER_URL, "depthflow_hostile")
     try:
         await db.migrate(url)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -115,7 +112,7 @@ async def start_serve(
 
 
 async def _stop_quietly(serve: ServeProcess) -> None:
-    if serve.process is not None and not serve._log.closed:
+    if serve.process is not None:
         await serve.stop()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess, exchange_env
+from tests.harness.processes import ServeProcess, exchange_env
 
 SYMBOLS = ("btcusdt",)
 HALF_OPEN = 600  # more than the default limit_concurrency (512)

@@ -29,13 +29,13 @@ from depthflow.simulate.connections import Subscriber
 from depthflow.simulate.server import Simulator
 from depthflow.simulate.weight import Verdict
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import (
+from tests.harness.processes import (
     ServeProcess,
     events_named,
     exchange_env,
     log_lines,
-    prometheus,
 )
+from tests.harness.prometheus import prometheus
 from tests.ledger_check import assert_sequence_covered
 
 MINUTE = 60.0
@@ -154,11 +154,8 @@ async def start_serve(
 
 
 async def stop_serve(serve: ServeProcess) -> None:
-    if serve.process is not None and serve.process.returncode is None:
+    if serve.process is not None:
         await serve.stop()
-    elif serve.process is not None:
-        with contextlib.suppress(Exception):
-            serve._log.close()
 
 
 def error_lines(serve: ServeProcess) -> list[dict[str, Any]]:

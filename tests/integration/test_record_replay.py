@@ -19,6 +19,7 @@ from depthflow.redis_sink import COUNTERS_KEY, STARTED_AT
 from depthflow.replay import run_replay
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
+from tests.harness.frames import depth_frame
 
 
 @pytest.fixture
@@ -85,16 +86,7 @@ async def test_record_then_replay_stores_the_true_ticks(
 
 
 def _frame(first: int, last: int, bid_qty: float) -> str:
-    data = {
-        "e": "depthUpdate",
-        "E": 1_700_000_000_000,
-        "s": "BTCUSDT",
-        "U": first,
-        "u": last,
-        "b": [["99.0", str(bid_qty)]],
-        "a": [],
-    }
-    return json.dumps({"stream": "btcusdt@depth@100ms", "data": data})
+    return depth_frame(first, last, [("99.0", bid_qty)])
 
 
 async def test_replay_keeps_its_counters_out_of_the_live_ones(

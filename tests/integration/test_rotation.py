@@ -15,7 +15,8 @@ import httpx
 
 from depthflow.simulate.server import Simulator
 from depthflow.storage.db import asyncpg_dsn
-from tests.integration.serve_process import ServeProcess, events_named, exchange_env, prometheus
+from tests.harness.processes import ServeProcess, events_named, exchange_env
+from tests.harness.prometheus import prometheus
 from tests.ledger_check import assert_sequence_covered
 
 SYMBOLS = ("btcusdt", "ethusdt")

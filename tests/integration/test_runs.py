@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from depthflow.config import Settings
 from depthflow.progress import Progress
@@ -20,7 +21,7 @@ from depthflow.replay import run_replay
 from depthflow.service import Service
 from depthflow.storage import db
 from depthflow.storage.runs import mark_crashed
-from tests.real_data import write_spot_recording
+from tests.harness.real_data import SPOT, available, write_spot_recording
 
 
 async def fetch(url: str, sql: str) -> list[asyncpg.Record]:
@@ -46,6 +47,8 @@ async def replay_cli(path: Path, url: str, *extra: str) -> tuple[int, str, str]:
 async def test_a_second_replay_of_a_file_stores_nothing_and_says_why(
     make_settings: Callable[..., Settings], clean_db: str, tmp_path: Path
 ) -> None:
+    if not available():
+        pytest.skip(f"{SPOT} is not there")
     path = write_spot_recording("btcusdt", tmp_path / "btcusdt.ndjson.gz")
     shown = io.StringIO()
     progress = Progress(shown, "replay", tty=False, every_s=0, unit="frames")

@@ -7,9 +7,10 @@ Binance's 8-decimal strings ("65000.01000000").
 
 from __future__ import annotations
 
+import copy
 import random
 import zlib
-from typing import Final, TypedDict
+from typing import Final, Self, TypedDict
 
 __all__ = ["DepthSnapshot", "DepthUpdate", "Market", "format_e8"]
 
@@ -113,6 +114,18 @@ class Market:
             "b": self._format_changes(changes_b, descending=True),
             "a": self._format_changes(changes_a, descending=False),
         }
+
+    def clone(self) -> Self:
+        """A twin of the book as it stands that goes on with the very same events (same random
+        state), without the WAP history."""
+        twin = copy.copy(self)
+        twin._rng = random.Random()
+        twin._rng.setstate(self._rng.getstate())
+        twin._bids = dict(self._bids)
+        twin._asks = dict(self._asks)
+        twin._record_wap = False
+        twin.true_wap = {}
+        return twin
 
     def snapshot(self, limit: int = 100) -> DepthSnapshot:
         """The top ``limit`` levels per side, best first, as ``GET /api/v3/depth`` returns them."""

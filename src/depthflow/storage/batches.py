@@ -72,7 +72,7 @@ _POISON_SQLSTATE_CLASSES: Final = frozenset({"22", "23"})
 _POISON_ATTEMPTS: Final = 3
 
 # Rows per COPY statement: ~10 ms of encoding (see `_copy`), well inside the loop's 50 ms budget;
-# 2,000 cost five times the round trips and bench/e2e.py ran a third slower with it.
+# 2,000 cost five times the round trips (`python -m bench throughput` ran a third slower).
 COPY_CHUNK_ROWS: Final = 10_000
 
 _MARK_BATCH = (
@@ -184,8 +184,8 @@ async def prepare_partitions(
 async def _copy(
     apg: Any, table: str, columns: Sequence[str], rows: list[Any], chunk: int = COPY_CHUNK_ROWS
 ) -> None:
-    # COPY, not executemany INSERT: bench/writer.py measured order rows at 206k vs 117k rows/s in
-    # 1k-row batches and 278k vs 150k in 10k-row batches (~1.8x; PostgreSQL 15 on loopback).
+    # COPY, not executemany INSERT: `python -m bench writer` measured order rows at 206k vs
+    # 117k rows/s in 1k-row batches and 278k vs 150k in 10k-row batches (~1.8x; loopback).
     # asyncpg encodes a COPY's rows in one synchronous stretch (~1 us a row): one COPY per
     # chunk hands the event loop back between them, at one round trip per chunk.
     names = list(columns)

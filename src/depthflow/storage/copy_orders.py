@@ -3,7 +3,7 @@
 asyncpg's ``copy_records_to_table`` encodes tuple by tuple, about 1 µs a row: the largest single
 cost of ingest in py-spy (an event carries 15-50 levels). The rows of one event share its symbol,
 time and update id, so a Numba kernel writes them straight from the decoded levels instead, with
-no tuple per row at all (`bench/writer.py`: see bench/README.md for the figures).
+no tuple per row at all (`python -m bench writer` measures both; figures in bench/README.md).
 """
 
 from __future__ import annotations

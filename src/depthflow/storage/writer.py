@@ -344,7 +344,7 @@ class BatchWriter:
             batch = self._buffer.take(n)
             return [] if batch is None else [batch]
         # Behind: fewer, larger transactions catch up faster (each costs a marker insert and a
-        # commit round trip): bench/e2e.py gained ~30 % at a 20k-row batch size. Equal shares,
+        # commit round trip): bench throughput gained ~30 % at a 20k-row batch size. Equal shares,
         # so that no connection idles while another writes the rest.
         share = max(n, min(CATCH_UP_FACTOR * n, -(-queued // self._connections)))
         batches: list[Batch] = []

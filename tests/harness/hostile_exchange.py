@@ -4,10 +4,11 @@ One ``websockets`` server on one port, like the simulator: ``process_request`` a
 ``GET /api/v3/depth`` as plain HTTP and lets ``/stream?streams=...`` through to the websocket
 handshake. Nothing is sent by itself:
 
-* `ScriptedBook` is the exchange's book of one symbol. `ScriptedBook.event` and `random_event`
-  change it and return a self-consistent `Event` (``U`` = previous ``u`` + 1) with the level-1 WAP
-  the book has after it, so a test can check every stored tick; `forged` makes an event that does
-  not touch the book (ids far ahead, a replay, ...). Making an event does not send it.
+* `ScriptedBook` is the exchange's book of one symbol. `ScriptedBook.event`, `random_event` and
+  `real_shaped` change it and return a self-consistent `Event` (``U`` = previous ``u`` + 1) with
+  the level-1 WAP the book has after it, so a test can check every stored tick; `forged` makes an
+  event that does not touch the book (ids far ahead, a replay, ...). Making an event does not
+  send it.
 * Each websocket connection is an `ExchangeConnection` with a queue: `send` frames (any text or
   bytes, valid or not) and `drop` it (a close frame after what was queued) or `abort` it (TCP reset,
   no close frame), in order.
@@ -34,6 +35,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from tests.harness.frames import STREAM_SUFFIX, envelope
+
 __all__ = [
     "Event",
     "ExchangeConnection",
@@ -43,10 +46,10 @@ __all__ = [
     "SnapshotServed",
     "envelope",
     "nested",
+    "real_shaped",
     "wap",
 ]
 
-STREAM_SUFFIX = "@depth@100ms"
 # Prices in cents, quantities in thousandths: exact in the test, rendered as Binance's strings.
 PRICE_SCALE = 100
 QTY_SCALE = 1000
@@ -63,11 +66,6 @@ def price_text(cents: int) -> str:
 
 def qty_text(units: int) -> str:
     return f"{units // QTY_SCALE}.{units % QTY_SCALE:03d}"
-
-
-def envelope(stream: str, data: str) -> str:
-    """A combined-stream frame around a raw JSON payload."""
-    return '{"stream":' + json.dumps(stream) + ',"data":' + data + "}"
 
 
 def nested(depth: int, inner: str = "") -> str:
@@ -251,6 +249,21 @@ class ScriptedBook:
         self.expected_wap[last] = expected
         self.events.append(event)
         return event
+
+
+def real_shaped(book: ScriptedBook, rng: random.Random, levels: int = 20) -> Event:
+    """An event like Binance's busy ones: about ``levels`` level changes within 60 ticks of the
+    mid, an update-id span of 1-30; never crosses nor empties the book (the touch is set)."""
+    bids: dict[int, int] = {}
+    asks: dict[int, int] = {}
+    for _ in range(levels):
+        if rng.random() < 0.5:
+            bids[book.mid - rng.randint(1, 60)] = rng.randint(0 if len(book.bids) > 10 else 1, 5000)
+        else:
+            asks[book.mid + rng.randint(1, 60)] = rng.randint(0 if len(book.asks) > 10 else 1, 5000)
+    bids[book.mid - 1] = rng.randint(1, 5000)
+    asks[book.mid + 1] = rng.randint(1, 5000)
+    return book.event(bids, asks, span=rng.randint(1, 30))
 
 
 @dataclass(frozen=True)
