@@ -92,6 +92,11 @@ class Batch:
     gaps: list[GapRow]
     checkpoints: list[CheckpointRow] = field(default_factory=list)
     poison_failures: int = 0
+    # Rows in ``orders``, counted once: a batch is asked its size several times per attempt.
+    order_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.order_rows = sum(map(len, self.orders))
 
     @property
     def rows(self) -> int:
@@ -101,7 +106,7 @@ class Batch:
         """Each table's name with the number of rows this batch holds for it."""
         return (
             (TICKS, len(self.ticks)),
-            (ORDERS, sum(len(block) for block in self.orders)),
+            (ORDERS, self.order_rows),
             (SIGNALS, len(self.signals)),
             (GAPS, len(self.gaps)),
             (CHECKPOINTS, len(self.checkpoints)),
