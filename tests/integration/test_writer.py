@@ -18,7 +18,7 @@ from depthflow.records import EventOrders, OrderRow, SignalRow, TickRow
 from depthflow.storage import db
 from depthflow.storage.batches import Batch, write_batch
 from depthflow.storage.maintenance import prune_batch_markers
-from depthflow.storage.writer import BatchWriter, WriteBatch
+from depthflow.storage.writer import CATCH_UP_FACTOR, BatchWriter, WriteBatch
 from tests.tcp_proxy import TcpProxy
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -416,10 +416,11 @@ async def test_rejected_batch_records_its_hole_before_the_batch_behind_it_commit
 async def test_wait_capacity_blocks_while_healthy_and_behind_until_a_flush(
     harness: Harness,
 ) -> None:
-    writer = harness.writer(batch_max_rows=5, buffer_max_rows=1000)  # high water: 40 rows
-    for update_id in range(1, 15):
+    writer = harness.writer(batch_max_rows=5, buffer_max_rows=1000)
+    high_water = 2 * CATCH_UP_FACTOR * 5  # a catch-up batch in flight, one queued behind it
+    for update_id in range(1, high_water // 3 + 2):
         writer.add_event(*event("btcusdt", update_id))
-    assert writer.buffered == 42
+    assert writer.buffered > high_water
     waiter = asyncio.create_task(writer.wait_capacity())
     for _ in range(5):
         await asyncio.sleep(0)
