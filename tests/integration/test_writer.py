@@ -524,17 +524,3 @@ async def test_orders_are_stored_exactly_as_handed_in(harness: Harness) -> None:
 def test_an_order_row_with_no_side_is_refused_before_anything_is_queued() -> None:
     with pytest.raises(ValueError, match="order side None"):
         EventOrders.of_row(("BTCUSDT", T0, 1, None, 1.0, 1.0))  # type: ignore[arg-type]
-
-
-async def test_the_end_of_a_burst_is_written_without_waiting_for_the_delay(
-    harness: Harness,
-) -> None:
-    # A delay no test waits out: only the quiet after the last row can make this flush.
-    writer = harness.writer(batch_max_rows=100_000, batch_max_delay_ms=600_000)
-    harness.run(writer)
-    for update_id in range(1, 4):
-        assert writer.add_event(*event("btcusdt", update_id))
-
-    await eventually(lambda: writer.buffered == 0)
-
-    assert await count(harness.url, "price_ticks") == 3

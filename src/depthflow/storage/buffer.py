@@ -33,7 +33,6 @@ class RowBuffer:
         self._checkpoints: list[CheckpointRow] = []
         self.queued = 0  # rows in the five queues above
         self.oldest = 0.0  # monotonic arrival time of the oldest queued row
-        self.newest = 0.0  # ... and of the newest
         # Taken from the lists, not yet known committed, oldest first.
         self.inflight: deque[Batch] = deque()
         self._inflight_rows = 0
@@ -73,22 +72,17 @@ class RowBuffer:
         self._checkpoints.append(row)
 
     def _count(self, n: int) -> None:
-        if n:
-            self.newest = time.monotonic()
-            if not self.queued:
-                self.oldest = self.newest
+        if n and not self.queued:
+            self.oldest = time.monotonic()
         self.queued += n
 
-    def due_in(self, max_rows: int, max_delay_s: float, idle_s: float) -> float | None:
-        """Seconds until a batch is due (0 or less: now); None while nothing is held.
-
-        Due once ``max_rows`` are queued, the oldest is ``max_delay_s`` old, or nothing was
-        queued for ``idle_s``: the end of a burst is written at once, not a delay later."""
+    def due_in(self, max_rows: int, max_delay_s: float) -> float | None:
+        """Seconds until a batch is due (0 or less: now); None while nothing is held."""
         if self.inflight or self.queued >= max_rows:
             return 0.0
         if not self.queued:
             return None
-        return min(self.oldest + max_delay_s, self.newest + idle_s) - time.monotonic()
+        return self.oldest + max_delay_s - time.monotonic()
 
     def take(self, n: int) -> Batch | None:
         """Move about ``n`` queued rows per table (orders: whole events) into a new batch in flight

@@ -38,14 +38,7 @@ from depthflow.storage.batches import (
 from depthflow.storage.buffer import RowBuffer
 from depthflow.storage.partitions import KnownSpans
 
-__all__ = [
-    "CATCH_UP_FACTOR",
-    "IDLE_FLUSH_S",
-    "SLOW_ATTEMPT_S",
-    "BatchWriter",
-    "OutOfOrder",
-    "WriteBatch",
-]
+__all__ = ["CATCH_UP_FACTOR", "SLOW_ATTEMPT_S", "BatchWriter", "OutOfOrder", "WriteBatch"]
 
 # Writes one batch in one transaction, awaiting ``before_commit`` (when given) just before its
 # COMMIT; False if it was committed before (see `write_batch`).
@@ -66,11 +59,6 @@ _MAX_BACKPRESSURE_WAIT_S: Final = 0.25
 # A write attempt running longer than this makes the database "slow" (/health DEGRADED).
 SLOW_ATTEMPT_S: Final = 3.0
 
-# Nothing new queued for this long: the rows are written now, not when the oldest is
-# ``batch_max_delay_ms`` old. Under a steady stream rows keep coming and batches stay large; after
-# a burst (a replay, a catch-up, the last events before a quiet spell) they are stored at once.
-IDLE_FLUSH_S: Final = 0.02
-
 
 class OutOfOrder(Exception):
     """A batch rolled back because the batch taken before it did not commit."""
@@ -79,9 +67,8 @@ class OutOfOrder(Exception):
 class BatchWriter:
     """Buffers rows in memory and writes them in COPY batches from one task (`run`).
 
-    Flushes when ``batch_max_rows`` rows are queued, the oldest queued row is
-    ``batch_max_delay_ms`` old, or nothing was queued for `IDLE_FLUSH_S`; retries failures with
-    backoff; holds at most ``buffer_max_rows``.
+    Flushes when ``batch_max_rows`` rows are queued or the oldest queued row is
+    ``batch_max_delay_ms`` old; retries failures with backoff; holds at most ``buffer_max_rows``.
 
     While a full batch more is queued, up to ``connections`` batches are written at once, each on
     its own connection (PostgreSQL parses and indexes each COPY in its own backend, so two run
@@ -112,7 +99,6 @@ class BatchWriter:
         self._metrics = metrics
         self._batch_max_rows = max(1, batch_max_rows)
         self._max_delay_s = batch_max_delay_ms / 1000
-        self._idle_s = min(IDLE_FLUSH_S, self._max_delay_s)
         self._buffer_max_rows = buffer_max_rows
         # Room for a catch-up batch in flight on every connection plus one queued behind them
         # (lower, and the feed is held back while the next batches are still to be read).
@@ -304,7 +290,7 @@ class BatchWriter:
     async def _wait_until_due(self) -> bool:
         """Wait until a flush is due; False when stop was requested meanwhile."""
         while not self._stop_requested.is_set():
-            timeout = self._buffer.due_in(self._batch_max_rows, self._max_delay_s, self._idle_s)
+            timeout = self._buffer.due_in(self._batch_max_rows, self._max_delay_s)
             if timeout is not None and timeout <= 0:
                 return True
             # No await since the checks above, so no wake-up can be lost between them and clear().
