@@ -36,7 +36,7 @@ import httpx
 from bench.machine import run_async
 from bench.observe import Scrape, scrape, serve_env
 from bench.probes import health_probe
-from bench.results import LOG_DIR, Percentiles, Target, ms, print_targets, write_result
+from bench.results import LOG_DIR, Percentiles, Target, conclude, ms
 from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
 from tests.harness.databases import redis_namespace, scratch_database
 from tests.harness.hostile_exchange import Event, HostileExchange, SnapshotReply, real_shaped
@@ -255,8 +255,5 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     result = run_async(measure(parser().parse_args(argv)))
     report(result)
-    targets = result.targets()
-    print()
-    print_targets(targets)
-    print(f"\n(result written to {write_result('catch-up', targets, result)})")
+    conclude("catch-up", result.targets(), result)
     return 0

@@ -26,10 +26,9 @@ from bench.results import (
     LOG_DIR,
     Percentiles,
     Target,
+    conclude,
     markdown_table,
     ms,
-    print_targets,
-    write_result,
 )
 from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
 from tests.harness.processes import Child
@@ -186,8 +185,5 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     result = run_async(measure(parser().parse_args(argv)))
     report(result)
-    targets = result.targets()
-    print()
-    print_targets(targets)
-    print(f"\n(result written to {write_result('monitoring', targets, result)})")
+    conclude("monitoring", result.targets(), result)
     return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.machine import run_async
-from bench.results import LOG_DIR, OUT_DIR, Target, markdown_table, print_targets, write_result
+from bench.results import LOG_DIR, OUT_DIR, Target, conclude, markdown_table
 from bench.throughput import (
     Case,
     DepthflowRun,
@@ -170,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     result = run_async(run(args))
     print_result(result)
-    print()
-    print_targets(result.targets())
-    print(f"\n(result written to {write_result('cryptofeed', result.targets(), result)})")
+    conclude("peer", result.targets(), result)
     return 0
 
 

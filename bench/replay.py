@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.floor import FloorRun, floor_from_recording
 from bench.machine import CpuTrace, run_async
 from bench.observe import Stored, stored
-from bench.results import LOG_DIR, Target, markdown_table, print_targets, write_result
+from bench.results import LOG_DIR, Target, conclude, markdown_table
 from bench.throughput import DEFAULT_SERVER, add_floor_options, floor_config
 from tests.harness import real_data
 from tests.harness.databases import scratch_database
@@ -143,8 +143,5 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     result = run_async(measure(parser().parse_args(argv)))
     report(result)
-    targets = result.targets()
-    print()
-    print_targets(targets)
-    print(f"\n(result written to {write_result('replay', targets, result)})")
+    conclude("replay", result.targets(), result)
     return 0

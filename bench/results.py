@@ -18,6 +18,7 @@ __all__ = [
     "OUT_DIR",
     "Percentiles",
     "Target",
+    "conclude",
     "markdown_table",
     "ms",
     "print_targets",
@@ -109,6 +110,15 @@ def _cell(value: object) -> str:
 def print_targets(targets: Sequence[Target]) -> None:
     rows = [[t.name, t.target, t.value, "met" if t.met else "NOT MET"] for t in targets]
     print(markdown_table(["target", "goal", "measured", "verdict"], rows))
+
+
+def conclude(tool: str, targets: Sequence[Target], result: object) -> Path:
+    """The end of every tool's run: its targets as a table, then the JSON file (its path)."""
+    print()
+    print_targets(targets)
+    path = write_result(tool, targets, result)
+    print(f"\n(result written to {path})")
+    return path
 
 
 def write_result(tool: str, targets: Sequence[Target], result: object) -> Path:

@@ -32,8 +32,7 @@ from bench.pyspy import PySpy
 from bench.results import (
     LOG_DIR,
     OUT_DIR,
-    print_targets,
-    write_result,
+    conclude,
 )
 from bench.scale_metrics import (
     Sample,
@@ -337,12 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_async(measure(args))
     print()
     print(report(result))
-    targets = result.targets()
-    print()
-    print_targets(targets)
-    path = write_result("scale", targets, result)
+    path = conclude("scale", result.targets(), result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(path.read_text())
-    print(f"\n(result written to {path})")
     return 0 if result.all_live else 1

@@ -47,7 +47,7 @@ from bench.observe import (
     symbol_names,
     wait_committed,
 )
-from bench.results import LOG_DIR, Target, markdown_table, ms, print_targets, write_result
+from bench.results import LOG_DIR, Target, conclude, markdown_table, ms
 from tests.harness import real_data
 from tests.harness.databases import redis_namespace, scratch_database
 from tests.harness.processes import Child, ServeProcess, SimulatorProcess
@@ -412,8 +412,5 @@ async def run(args: argparse.Namespace) -> ThroughputResult:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     result = run_async(run(args))
-    targets = result.targets()
-    print()
-    print_targets(targets)
-    print(f"\n(result written to {write_result('throughput', targets, result)})")
+    conclude("throughput", result.targets(), result)
     return 0
