@@ -37,7 +37,7 @@ from bench.machine import run_async
 from bench.observe import Scrape, scrape, serve_env
 from bench.probes import health_probe
 from bench.results import LOG_DIR, Percentiles, Target, conclude, ms
-from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
+from bench.throughput import add_server_options
 from tests.harness.databases import redis_namespace, scratch_database
 from tests.harness.hostile_exchange import Event, HostileExchange, SnapshotReply, real_shaped
 from tests.harness.processes import ServeProcess, events_named
@@ -247,8 +247,7 @@ def parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--events", type=int, default=50_000, help="buffered before the snapshot")
     p.add_argument("--levels", type=int, default=20, help="level changes per event, about")
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS)
+    add_server_options(p)
     return p
 
 

@@ -21,7 +21,7 @@ from typing import cast
 from bench.floor import Encoding, FloorConfig, FloorRun, floor_from_stream
 from bench.machine import run_async
 from bench.results import LOG_DIR, Target, markdown_table, write_result
-from bench.throughput import DEFAULT_SERVER, Case, real_case, synthetic_case
+from bench.throughput import Case, add_server_options, real_case, synthetic_case
 from tests.harness import real_data
 from tests.harness.databases import scratch_database
 from tests.harness.processes import SimulatorProcess
@@ -128,7 +128,7 @@ def parser() -> argparse.ArgumentParser:
         default=[parse_config(c) for c in DEFAULT_CONFIGS],
         metavar="NxROWS:ENCODING",
     )
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
+    add_server_options(p, redis=False)
     return p
 
 

@@ -30,7 +30,7 @@ from bench.results import (
     markdown_table,
     ms,
 )
-from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
+from bench.throughput import add_server_options
 from depthflow.storage.db import asyncpg_dsn
 
 __all__ = ["LatencyResult", "main"]
@@ -133,8 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1000.0, help="events/s")
     p.add_argument("--seconds", type=float, default=20.0, help="measured window")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS)
+    add_server_options(p)
     return p
 
 

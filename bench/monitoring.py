@@ -30,7 +30,7 @@ from bench.results import (
     markdown_table,
     ms,
 )
-from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
+from bench.throughput import add_server_options
 from tests.harness.processes import Child
 
 __all__ = ["MonitoringResult", "Window", "main"]
@@ -177,8 +177,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the first window")
     p.add_argument("--probes", type=int, default=100, help="sequential requests per route")
     p.add_argument("--rps", type=float, default=200.0, help="requests/s under load")
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS)
+    add_server_options(p)
     return p
 
 

@@ -29,7 +29,7 @@ from bench.floor import FloorRun, floor_from_recording
 from bench.machine import CpuTrace, run_async
 from bench.observe import Stored, stored
 from bench.results import LOG_DIR, Target, conclude, markdown_table
-from bench.throughput import DEFAULT_SERVER, add_floor_options, floor_config
+from bench.throughput import add_floor_options, add_server_options, floor_config
 from tests.harness import real_data
 from tests.harness.databases import scratch_database
 from tests.harness.processes import Child, events_named
@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench replay", description=__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_floor_options(p)
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
+    add_server_options(p, redis=False)
     return p
 
 

@@ -43,7 +43,7 @@ from bench.scale_metrics import (
     weight_per_window,
 )
 from bench.scale_result import ScaleResult, Steady, SyncPhase, health_stats, report
-from bench.throughput import DEFAULT_REDIS, DEFAULT_SERVER
+from bench.throughput import add_server_options
 from depthflow.rest import depth_weight
 from depthflow.simulate.activity import generated_symbols
 from depthflow.storage.db import asyncpg_dsn
@@ -319,8 +319,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="steady seconds after all live")
     p.add_argument("--live-timeout", type=float, default=900.0, help="give up waiting after this")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
-    p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS)
+    add_server_options(p)
     p.add_argument(
         "--pattern",
         action="store_true",

@@ -363,9 +363,15 @@ def floor_config(args: argparse.Namespace) -> FloorConfig:
     return FloorConfig(args.floor_connections, args.floor_batch_rows, args.floor_encoding)
 
 
-def add_service_options(p: argparse.ArgumentParser) -> None:
+def add_server_options(p: argparse.ArgumentParser, *, redis: bool = True) -> None:
+    """Where a tool's scratch databases (and Redis key prefixes) go."""
     p.add_argument("--database-url", default=DEFAULT_SERVER, help="any database on the server")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS)
+    if redis:
+        p.add_argument("--redis-url", default=DEFAULT_REDIS)
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
+    add_server_options(p)
     p.add_argument(
         "--serve-env",
         nargs="*",
